@@ -1,0 +1,396 @@
+"""The `cnai` command."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import __version__
+from .settings import Settings
+
+log = logging.getLogger("cnai")
+TASKS = ("clip", "ocr", "face")
+
+
+# --- database selection ------------------------------------------------------------------------------------------
+def add_db_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("database")
+    g.add_argument("--dsn", default=None, help="PostgreSQL URL of Immich's database (default: $CNAI_DSN)")
+    g.add_argument("--embedded", action="store_true",
+                   help="use (and start if needed) the embedded PostgreSQL in --data-dir")
+    g.add_argument("--data-dir", type=Path, default=None,
+                   help="embedded server's folder (default: $CNAI_DATA_DIR or ~/.local/share/cnai)")
+
+
+def resolve_dsn(args, settings: Settings) -> tuple[str, bool]:
+    """Returns (dsn, standalone): the embedded server always holds a standalone schema."""
+    if args.embedded or (not (args.dsn or settings.dsn) and args.data_dir):
+        from .embedded import EmbeddedServer, default_data_dir
+        server = EmbeddedServer((args.data_dir or default_data_dir()).resolve())
+        return server.dsn(), True
+    dsn = args.dsn or settings.dsn
+    if not dsn:
+        raise SystemExit("no database: pass --dsn URL (or set CNAI_DSN), or use --embedded")
+    return dsn, False
+
+
+# --- commands ----------------------------------------------------------------------------------------------------
+async def cmd_migrate(args, settings):
+    from .db import migrate
+    dsn, standalone = resolve_dsn(args, settings)
+    applied = await migrate(dsn, standalone=standalone or args.standalone)
+    print(f"applied {len(applied)} migration(s)" + (": " + ", ".join(applied) if applied else " (up to date)"))
+
+
+async def _prepare(args, settings) -> str:
+    from .db import migrate
+    dsn, standalone = resolve_dsn(args, settings)
+    await migrate(dsn, standalone=standalone)
+    return dsn
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _run_service(args, settings, gateway: bool, listener: bool):
+    import asyncpg
+    from aiohttp import web
+
+    from .wiring import build_gateway, build_listener, build_pool, mirror_clip_to_immich, preload_keys
+
+    dsn = await _prepare(args, settings) if listener or getattr(args, "watch", None) else None
+    pool = build_pool(settings)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    tasks = []
+    runner = None
+    if settings.preload:
+        keys = preload_keys(settings) if listener else ["ocr"]
+        errors = await pool.preload(keys)
+        for key, err in errors.items():
+            if err:
+                log.warning("%s is not available: %s (its jobs will fail with this reason; others keep working)",
+                            key, err)
+    lst = None
+    if listener:
+        conn = await asyncpg.connect(dsn)
+        try:
+            mirror = await mirror_clip_to_immich(conn, settings)
+        finally:
+            await conn.close()
+        lst = build_listener(dsn, pool, settings, mirror_clip=mirror)
+        tasks.append(asyncio.create_task(lst.run(), name="listener"))
+    if gateway:
+        app = build_gateway(pool, settings).app()
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, settings.host, args.port)
+        await site.start()
+        print(f"cnai gateway listening on http://{settings.host}:{args.port} (MACHINE_LEARNING_URL)", flush=True)
+    if getattr(args, "watch", None):
+        from .standalone import watch_folder
+        tasks.append(asyncio.create_task(watch_folder(dsn, Path(args.watch), stop), name="watch"))
+        print(f"drop photos into {Path(args.watch).resolve()} to index them", flush=True)
+    print("cnai is running; Ctrl-C to stop", flush=True)
+    stop_wait = asyncio.create_task(stop.wait())
+    await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    for t in tasks:
+        if t.done() and t.exception():
+            log.error("%s stopped: %s", t.get_name(), t.exception())
+    if lst:
+        lst.stop()
+    stop.set()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if runner:
+        await runner.cleanup()
+    await pool.close()
+
+
+async def cmd_serve(args, settings):
+    await _run_service(args, settings, gateway=True, listener=True)
+
+
+async def cmd_gateway(args, settings):
+    await _run_service(args, settings, gateway=True, listener=False)
+
+
+async def cmd_listen(args, settings):
+    await _run_service(args, settings, gateway=False, listener=True)
+
+
+async def cmd_reprocess(args, settings):
+    import asyncpg
+    dsn = await _prepare(args, settings)
+    conn = await asyncpg.connect(dsn)
+    try:
+        try:
+            req_id = await conn.fetchval("INSERT INTO reprocess_request (asset_id, tasks) VALUES ($1::uuid, $2) "
+                                         "RETURNING id", args.asset_id, args.task or None)
+        except (asyncpg.PostgresError, asyncpg.DataError) as e:
+            raise SystemExit(f"cnai reprocess: {e}")
+        print(f"request {req_id} queued for asset {args.asset_id} ({', '.join(args.task or TASKS)})", flush=True)
+        if args.no_wait:
+            return
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            row = await conn.fetchrow("SELECT status, error FROM reprocess_request WHERE id = $1", req_id)
+            if row["status"] in ("done", "failed"):
+                print(f"request {req_id}: {row['status']}" + (f" — {row['error']}" if row["error"] else ""))
+                if row["status"] == "failed":
+                    raise SystemExit(1)
+                return
+            await asyncio.sleep(0.3)
+        raise SystemExit(f"request {req_id} still {row['status']} after {args.timeout:.0f} s: is a listener "
+                         "running (cnai serve / cnai listen)?")
+    finally:
+        await conn.close()
+
+
+async def cmd_backfill(args, settings):
+    import asyncpg
+    dsn = await _prepare(args, settings)
+    conn = await asyncpg.connect(dsn)
+    tasks = args.task or list(TASKS)
+    result_table = {"ocr": "cnai.ocr", "clip": "cnai.clip", "face": "cnai.face"}
+    try:
+        total = 0
+        for task in tasks:
+            missing = "" if args.force else f"AND NOT EXISTS (SELECT 1 FROM {result_table[task]} r WHERE r.asset_id = a.id)"
+            n = await conn.fetchval(f"""
+                WITH ins AS (
+                  INSERT INTO cnai.job (asset_id, task)
+                  SELECT a.id, $1 FROM asset a
+                   WHERE a."deletedAt" IS NULL
+                     AND EXISTS (SELECT 1 FROM asset_file f WHERE f."assetId" = a.id AND f.type::text = 'preview')
+                     {missing}
+                  ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING RETURNING 1)
+                SELECT count(*) FROM ins""", task)
+            total += n
+            print(f"{task}: queued {n}")
+        await conn.execute("SELECT pg_notify('cnai_job', 'backfill')")
+    finally:
+        await conn.close()
+
+
+async def cmd_search(args, settings):
+    import asyncpg
+    dsn = await _prepare(args, settings)
+    embedding = None
+    if not args.query.lower().startswith("ocr:") and not args.ocr_only:
+        embedding = await _text_embedding(settings, args.query)
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            """SELECT s.asset_id, s.score, s.ocr_rank, s.clip_rank, a."originalPath" AS path, o.text
+                 FROM cnai.search($1, $2::vector, NULL, $3, 0) s
+                 JOIN asset a ON a.id = s.asset_id LEFT JOIN cnai.ocr o ON o.asset_id = s.asset_id
+                ORDER BY s.score DESC, s.asset_id""", args.query, embedding, args.limit)
+    finally:
+        await conn.close()
+    if not rows:
+        print("no match", file=sys.stderr)
+        return
+    for i, r in enumerate(rows, 1):
+        snippet = " ".join((r["text"] or "").split())[:60]
+        print(f"{i:3d}  {r['score']:.4f}  {r['path']}  {snippet}")
+
+
+async def _text_embedding(settings, text: str) -> str | None:
+    from inference.pool import ModelPool
+    from inference.runtime import ModelMissingError
+    from listener.tasks import vector_literal
+
+    from .wiring import build_pool
+    pool: ModelPool = build_pool(settings)
+    try:
+        vec = await pool.run(f"clip-textual:{settings.clip_model}", text)
+        return vector_literal(vec)
+    except (ModelMissingError, ImportError) as e:
+        log.info("no CLIP text model (%s): searching OCR text only", e)
+        return None
+    finally:
+        await pool.close()
+
+
+async def cmd_status(args, settings):
+    import asyncpg
+    dsn = await _prepare(args, settings)
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch("SELECT task, state, count(*) AS n FROM cnai.job GROUP BY 1, 2 ORDER BY 1, 2")
+        oldest = await conn.fetchval("SELECT extract(epoch FROM now() - min(created_at)) FROM cnai.job "
+                                     "WHERE state = 'queued'")
+        failed = await conn.fetch("SELECT task, asset_id, error, finished_at FROM cnai.job WHERE state = 'failed' "
+                                  "ORDER BY finished_at DESC LIMIT $1", args.failed_limit)
+        results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
+                                      "(SELECT count(*) FROM cnai.clip) AS clip, "
+                                      "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
+    finally:
+        await conn.close()
+    print("jobs (task / state / count):")
+    for r in rows:
+        print(f"  {r['task']:5s} {r['state']:8s} {r['n']}")
+    if not rows:
+        print("  none")
+    print(f"oldest queued: {oldest:.0f} s ago" if oldest is not None else "oldest queued: none")
+    print(f"results: ocr {results['ocr']}, clip {results['clip']}, face (assets) {results['face']}")
+    if failed:
+        print("recent failures:")
+        for r in failed:
+            print(f"  {r['task']:5s} {r['asset_id']}  {r['error']}")
+
+
+async def cmd_retry(args, settings):
+    import asyncpg
+    if not args.failed:
+        raise SystemExit("cnai retry: say what to retry: --failed")
+    dsn = await _prepare(args, settings)
+    conn = await asyncpg.connect(dsn)
+    try:
+        n = await conn.fetchval("SELECT cnai.retry_failed($1)", args.task or None)
+    finally:
+        await conn.close()
+    print(f"re-queued {n} failed job(s)")
+
+
+async def cmd_doctor(args, settings):
+    import onnxruntime as ort
+    problems = 0
+    print(f"cnai {__version__}; ONNX Runtime {ort.__version__}, providers here: {', '.join(ort.get_available_providers())}")
+    print(f"configured providers: {', '.join(settings.providers)}")
+    try:
+        import asyncpg
+
+        from .db import check_server
+        dsn, standalone = resolve_dsn(args, settings)
+        conn = await asyncpg.connect(dsn)
+        try:
+            await check_server(conn)
+            version = await conn.fetchval("SHOW server_version")
+            applied = await conn.fetchval("SELECT count(*) FROM cnai.migration") if await conn.fetchval(
+                "SELECT to_regclass('cnai.migration') IS NOT NULL") else 0
+            print(f"database: PostgreSQL {version}, pgvector ok, {applied} cnai migration(s) applied")
+        finally:
+            await conn.close()
+    except SystemExit as e:
+        print(f"database: not configured ({e})")
+    except Exception as e:
+        problems += 1
+        print(f"database: PROBLEM — {e}")
+    print(f"models dir: {settings.models_dir}")
+    from .wiring import build_pool, preload_keys
+    pool = build_pool(settings)
+    try:
+        for key, err in (await pool.preload(preload_keys(settings))).items():
+            print(f"  {key}: {'ok' if err is None else 'MISSING — ' + str(err)}")
+            problems += err is not None
+    finally:
+        await pool.close()
+    if problems:
+        raise SystemExit(1)
+
+
+async def cmd_import_clip(args, settings):
+    from inference.clip.export import import_checkpoint
+    out = await asyncio.get_running_loop().run_in_executor(
+        None, lambda: import_checkpoint(Path(args.checkpoint), args.arch, settings.models_dir, name=args.name))
+    print(f"exported {args.arch} to {out}; serve it with CNAI_CLIP_MODEL={out.name}")
+
+
+# --- parser ------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cnai", description="Chinese-aware AI for Immich: cn-clip, OCR and faces.")
+    p.add_argument("--version", action="version", version=f"cnai {__version__}")
+    p.add_argument("--log-level", default=os.environ.get("CNAI_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("migrate", help="create or update cnai's tables, functions and triggers")
+    add_db_args(s)
+    s.add_argument("--standalone", action="store_true",
+                   help="create a minimal Immich-compatible schema when there is none")
+    s.set_defaults(func=cmd_migrate)
+
+    for name, func, helptext in (("serve", cmd_serve, "gateway + listener sharing one model pool"),
+                                 ("gateway", cmd_gateway, "only the Immich ML endpoint"),
+                                 ("listen", cmd_listen, "only the queue listener")):
+        s = sub.add_parser(name, help=helptext)
+        add_db_args(s)
+        if name != "listen":
+            s.add_argument("--port", type=int, default=int(os.environ.get("CNAI_PORT", 3003)))
+        if name == "serve":
+            s.add_argument("--watch", type=Path, default=None, help="import photos added to this folder")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("reprocess", help="re-run tasks for one asset and wait for the outcome")
+    add_db_args(s)
+    s.add_argument("asset_id")
+    s.add_argument("--task", action="append", choices=TASKS, help="repeatable; default all")
+    s.add_argument("--no-wait", action="store_true")
+    s.add_argument("--timeout", type=float, default=300)
+    s.set_defaults(func=cmd_reprocess)
+
+    s = sub.add_parser("backfill", help="queue work for every asset with a preview that lacks results")
+    add_db_args(s)
+    s.add_argument("--task", action="append", choices=TASKS)
+    s.add_argument("--force", action="store_true", help="queue all assets, even those with results")
+    s.set_defaults(func=cmd_backfill)
+
+    s = sub.add_parser("search", help="search like Immich would: 'ocr:发票' or free text")
+    add_db_args(s)
+    s.add_argument("query")
+    s.add_argument("--limit", type=int, default=20)
+    s.add_argument("--ocr-only", action="store_true")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("status", help="queue counts, oldest queued job, recent failures")
+    add_db_args(s)
+    s.add_argument("--failed-limit", type=int, default=20)
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("retry", help="re-queue failed jobs")
+    add_db_args(s)
+    s.add_argument("--failed", action="store_true")
+    s.add_argument("--task", action="append", choices=TASKS)
+    s.set_defaults(func=cmd_retry)
+
+    s = sub.add_parser("doctor", help="check the database, providers and models")
+    add_db_args(s)
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("models", help="model management")
+    msub = s.add_subparsers(dest="models_command", required=True)
+    m = msub.add_parser("import-clip", help="convert an official Chinese-CLIP checkpoint to ONNX")
+    m.add_argument("checkpoint")
+    m.add_argument("--arch", default="ViT-B-16", choices=["ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50"])
+    m.add_argument("--name", default=None, help="model folder name (default: the arch)")
+    m.set_defaults(func=cmd_import_clip)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    if getattr(args, "port", None) is None and hasattr(args, "port"):
+        args.port = settings.port
+    try:
+        asyncio.run(args.func(args, settings))
+    except KeyboardInterrupt:
+        pass
+    except Exception as e:
+        from .db import DatabaseSetupError
+        if isinstance(e, DatabaseSetupError):
+            raise SystemExit(f"cnai: {e}")
+        raise
+
+
+if __name__ == "__main__":
+    main()

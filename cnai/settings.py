@@ -1,0 +1,70 @@
+"""Settings from the environment (CNAI_*), overridable by CLI flags."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def _float(name: str, default: float) -> float:
+    raw = _env(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}")
+
+
+def _int(name: str, default: int) -> int:
+    return int(_float(name, default))
+
+
+def parse_path_map(raw: str) -> list[tuple[str, Path]]:
+    """CNAI_PATH_MAP: 'immich_prefix=local_dir[,immich_prefix=local_dir...]'."""
+    pairs = []
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        if "=" not in part:
+            raise SystemExit(f"CNAI_PATH_MAP entry {part!r} must look like /usr/src/app/upload=/mnt/immich")
+        remote, local = part.split("=", 1)
+        pairs.append((remote.rstrip("/") or "/", Path(local)))
+    return pairs
+
+
+@dataclass
+class Settings:
+    dsn: str = field(default_factory=lambda: _env("CNAI_DSN"))
+    models_dir: Path = field(default_factory=lambda: Path(
+        _env("CNAI_MODELS_DIR") or Path.home() / ".local" / "share" / "cnai" / "models"))
+    path_map: list[tuple[str, Path]] = field(default_factory=lambda: parse_path_map(_env("CNAI_PATH_MAP")))
+    providers: list[str] = field(default_factory=lambda: [
+        p.strip() for p in _env("CNAI_PROVIDERS", "cpu").split(",") if p.strip()])
+    intra_op_threads: int = field(default_factory=lambda: _int("CNAI_INTRA_OP_THREADS", 0))
+    # models
+    clip_model: str = field(default_factory=lambda: _env("CNAI_CLIP_MODEL", "ViT-B-16"))
+    # Immich CLIP names answered with our cn-clip model (512-d names only: Immich sizes its column by name)
+    clip_serve_as: list[str] = field(default_factory=lambda: [
+        n.strip() for n in _env("CNAI_CLIP_SERVE_AS", "ViT-B-32__openai,ViT-B-16__openai").split(",") if n.strip()])
+    face_model: str = field(default_factory=lambda: _env("CNAI_FACE_MODEL", "buffalo_l"))
+    face_min_score: float = field(default_factory=lambda: _float("CNAI_FACE_MIN_SCORE", 0.7))
+    ocr_det_min_score: float = field(default_factory=lambda: _float("CNAI_OCR_MIN_DETECTION_SCORE", 0.5))
+    ocr_rec_min_score: float = field(default_factory=lambda: _float("CNAI_OCR_MIN_RECOGNITION_SCORE", 0.8))
+    ocr_max_resolution: int = field(default_factory=lambda: _int("CNAI_OCR_MAX_RESOLUTION", 736))
+    preload: bool = field(default_factory=lambda: _env("CNAI_PRELOAD", "1") not in ("0", "false", "no"))
+    idle_unload_s: float = field(default_factory=lambda: _float("CNAI_MODEL_IDLE_UNLOAD_S", 0))
+    # gateway
+    host: str = field(default_factory=lambda: _env("CNAI_HOST", "0.0.0.0"))
+    port: int = field(default_factory=lambda: _int("CNAI_PORT", 3003))
+    upstream_ml_url: str = field(default_factory=lambda: _env("CNAI_UPSTREAM_ML_URL"))
+    # listener
+    tasks: list[str] = field(default_factory=lambda: [
+        t.strip() for t in _env("CNAI_TASKS", "clip,ocr,face").split(",") if t.strip()])
+    batch_size: int = field(default_factory=lambda: _int("CNAI_BATCH_SIZE", 16))
+    concurrency: int = field(default_factory=lambda: _int("CNAI_CONCURRENCY", 2))
+    poll_interval_s: float = field(default_factory=lambda: _float("CNAI_POLL_INTERVAL_S", 2.0))
+    lease_s: float = field(default_factory=lambda: _float("CNAI_LEASE_S", 60.0))
+    max_attempts: int = field(default_factory=lambda: _int("CNAI_MAX_ATTEMPTS", 5))
+    backoff_base_s: float = field(default_factory=lambda: _float("CNAI_BACKOFF_BASE_S", 5.0))
+    prune_after_s: float = field(default_factory=lambda: _float("CNAI_PRUNE_AFTER_S", 7 * 86400))

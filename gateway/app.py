@@ -1,0 +1,197 @@
+"""The HTTP side: `GET /`, `GET /ping`, `POST /predict` as Immich's server calls them.
+
+Requests run through the shared model pool at interactive priority, so a search typed by a person is not
+queued behind background indexing. Tasks or models we don't serve go to an upstream Immich ML, when one is
+configured (CNAI_UPSTREAM_ML_URL); otherwise they get a clear 400.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from inference.images import ImageDecodeError, decode_image
+from inference.ocr import OcrRequest
+from inference.pool import ModelPool, Priority
+from inference.runtime import ModelMissingError
+
+from .protocol import RequestError, clean_name, number, parse_entries, serialize_embedding
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024 * 1024
+
+
+@dataclass
+class GatewayConfig:
+    ocr_key: str = "ocr"
+    clip_model: str = "ViT-B-16"            # our cn-clip model (models dir name)
+    clip_serve_as: list[str] = field(default_factory=lambda: ["ViT-B-32__openai", "ViT-B-16__openai"])
+    face_models_available: callable = None   # name -> bool; None: every name is tried as a face pack
+    upstream_url: str = ""
+
+
+def _json_error(status: int, detail) -> web.Response:
+    return web.json_response({"detail": detail}, status=status)
+
+
+class Gateway:
+    def __init__(self, pool: ModelPool, config: GatewayConfig):
+        self.pool = pool
+        self.config = config
+        self._session: aiohttp.ClientSession | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY)
+        app.router.add_get("/", self.root)
+        app.router.add_get("/ping", self.ping)
+        app.router.add_post("/predict", self.predict)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _close(self, _app) -> None:
+        if self._session:
+            await self._session.close()
+
+    async def root(self, _request: web.Request) -> web.Response:
+        return web.json_response({"message": "Immich ML"})
+
+    async def ping(self, _request: web.Request) -> web.Response:
+        return web.Response(text="pong", content_type="text/plain")
+
+    # --- /predict ---------------------------------------------------------------------------------------------
+    async def predict(self, request: web.Request) -> web.Response:
+        try:
+            form = await request.post()
+        except Exception as e:
+            return _json_error(400, f"could not read the multipart form: {e}")
+        try:
+            entries = parse_entries(_form_text(form.get("entries")))
+            if self._needs_upstream(entries):
+                return await self._proxy(form)
+            image_bytes = _form_bytes(form.get("image"))
+            text = _form_text(form.get("text"))
+            if image_bytes is None and text is None:
+                raise RequestError(400, "Either image or text must be provided")
+            image = None
+            if image_bytes is not None:
+                try:
+                    image = await asyncio.get_running_loop().run_in_executor(None, decode_image, image_bytes)
+                except ImageDecodeError as e:
+                    status_msg = "Image has zero width or height" if "zero width" in str(e) else str(e)
+                    raise RequestError(400, status_msg) from None
+            results = await asyncio.gather(*(self._run_task(task, types, image, text)
+                                             for task, types in entries.items()))
+            body = dict(zip(entries.keys(), results))
+            if image is not None:
+                body["imageHeight"] = image.height
+                body["imageWidth"] = image.width
+            return web.json_response(body)
+        except RequestError as e:
+            return _json_error(e.status, e.detail)
+        except ModelMissingError as e:
+            log.error("%s", e)
+            return _json_error(500, f"Failed to load model: {e}")
+        except Exception as e:
+            log.exception("predict failed")
+            return _json_error(500, f"{type(e).__name__}: {e}")
+
+    def _served_clip(self, name: str) -> bool:
+        name = clean_name(name)
+        return name == clean_name(self.config.clip_model) or name in self.config.clip_serve_as
+
+    def _needs_upstream(self, entries) -> bool:
+        for task, types in entries.items():
+            if task == "clip" and not all(self._served_clip(e.model_name) for e in types.values()):
+                break
+            if task not in ("clip", "ocr", "facial-recognition"):
+                break
+        else:
+            return False
+        if self.config.upstream_url:
+            return True
+        unknown = [f"{t}/{e.type}:{e.model_name}" for t, ty in entries.items() for e in ty.values()
+                   if t not in ("clip", "ocr", "facial-recognition") or (t == "clip" and not self._served_clip(e.model_name))]
+        raise RequestError(400, f"not served here: {', '.join(unknown)} (cnai serves CLIP as "
+                                f"{', '.join([self.config.clip_model, *self.config.clip_serve_as])}; "
+                                "set CNAI_UPSTREAM_ML_URL to forward other models to Immich ML)")
+
+    async def _run_task(self, task: str, types: dict, image, text):
+        if task == "ocr":
+            if image is None:
+                raise RequestError(400, "OCR needs an image")
+            if "recognition" in types and "detection" not in types:
+                raise RequestError(400, "Task ocr of type recognition depends on output of (detection, ocr)")
+            det = types.get("detection")
+            rec = types.get("recognition")
+            req = OcrRequest(
+                image,
+                det_min_score=number(det.options, "minScore", 0.5, 0.0, 1.0) if det else 0.5,
+                rec_min_score=number(rec.options, "minScore", 0.9, 0.0, 1.0) if rec else 0.9,
+                max_resolution=int(number(det.options, "maxResolution", 736, 1, 100_000)) if det else 736,
+            )
+            result = await self.pool.run(self.config.ocr_key, req, Priority.INTERACTIVE)
+            return {"text": [ln.text for ln in result.lines], "box": [v for ln in result.lines for v in ln.box],
+                    "boxScore": [ln.box_score for ln in result.lines],
+                    "textScore": [ln.text_score for ln in result.lines]}
+        if task == "clip":
+            if image is not None and "visual" in types:
+                vec = await self.pool.run(f"clip-visual:{self.config.clip_model}", image, Priority.INTERACTIVE)
+            elif text is not None and "textual" in types:
+                vec = await self.pool.run(f"clip-textual:{self.config.clip_model}", text, Priority.INTERACTIVE)
+            else:
+                raise RequestError(400, "clip needs an image with a visual entry or text with a textual entry")
+            return serialize_embedding(vec)
+        if task == "facial-recognition":
+            if image is None:
+                raise RequestError(400, "facial-recognition needs an image")
+            det = types.get("detection")
+            if det is None:
+                raise RequestError(400, "Task facial-recognition of type recognition depends on output of "
+                                        "(detection, facial-recognition)")
+            min_score = number(det.options, "minScore", 0.7, 0.0, 1.0)
+            faces = await self.pool.run(f"face:{clean_name(det.model_name)}", (image, min_score),
+                                        Priority.INTERACTIVE)
+            return [{"boundingBox": {"x1": float(round(f.x1)), "y1": float(round(f.y1)),
+                                     "x2": float(round(f.x2)), "y2": float(round(f.y2))},
+                     "embedding": serialize_embedding(f.embedding), "score": float(f.score)} for f in faces]
+        raise RequestError(400, f"unsupported task {task}")
+
+    async def _proxy(self, form) -> web.Response:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
+        data = aiohttp.FormData()
+        for key, value in form.items():
+            if isinstance(value, web.FileField):
+                data.add_field(key, value.file.read(), filename=value.filename or "blob",
+                               content_type=value.content_type)
+            else:
+                data.add_field(key, value)
+        url = self.config.upstream_url.rstrip("/") + "/predict"
+        try:
+            async with self._session.post(url, data=data) as resp:
+                body = await resp.read()
+                return web.Response(body=body, status=resp.status, content_type=resp.content_type)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return _json_error(502, f"upstream Immich ML at {self.config.upstream_url} failed: {e}")
+
+
+def _form_text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, web.FileField):
+        return value.file.read().decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _form_bytes(value) -> bytes | None:
+    if value is None:
+        return None
+    if isinstance(value, web.FileField):
+        return value.file.read()
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return str(value).encode()

@@ -1,0 +1,90 @@
+"""What each task does with a decoded preview: which model to run, and how its output is written."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from PIL import Image
+
+from inference.ocr import OcrRequest, OcrResult
+
+log = logging.getLogger(__name__)
+
+
+def vector_literal(values) -> str:
+    """pgvector's text form; bound as text and cast in SQL, so no client-side codec is needed."""
+    return "[" + ",".join(f"{float(v):.7g}" for v in values) + "]"
+
+
+@dataclass
+class TaskHandler:
+    task: str
+    model_key: str
+
+    def request(self, image: Image.Image) -> Any:
+        return image
+
+    async def write(self, conn: asyncpg.Connection, asset_id, image: Image.Image, output: Any) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class OcrHandler(TaskHandler):
+    det_min_score: float = 0.5
+    rec_min_score: float = 0.8
+    max_resolution: int = 736
+    model_name: str = ""
+
+    def request(self, image: Image.Image) -> OcrRequest:
+        return OcrRequest(image, self.det_min_score, self.rec_min_score, self.max_resolution)
+
+    async def write(self, conn, asset_id, image, output: OcrResult) -> None:
+        lines = [{"text": ln.text, "box": ln.box, "box_score": ln.box_score, "text_score": ln.text_score}
+                 for ln in output.lines]
+        # a photo without text still gets a row: "no text" is a result, and it must replace old text
+        await conn.execute(
+            """INSERT INTO cnai.ocr (asset_id, text, lines, model, updated_at) VALUES ($1, $2, $3::jsonb, $4, now())
+               ON CONFLICT (asset_id) DO UPDATE
+                 SET text = excluded.text, lines = excluded.lines, model = excluded.model, updated_at = now()""",
+            asset_id, output.text, json.dumps(lines, ensure_ascii=False), output.model or self.model_name)
+
+
+@dataclass
+class ClipHandler(TaskHandler):
+    model_name: str = ""
+    # Immich model name whose smart_search column we may also fill (same model served by our gateway)
+    mirror_to_smart_search: bool = False
+
+    async def write(self, conn, asset_id, image, output) -> None:
+        vec = vector_literal(output)
+        await conn.execute(
+            """INSERT INTO cnai.clip (asset_id, model, embedding, updated_at) VALUES ($1, $2, $3::vector, now())
+               ON CONFLICT (asset_id) DO UPDATE
+                 SET model = excluded.model, embedding = excluded.embedding, updated_at = now()""",
+            asset_id, self.model_name, vec)
+        if self.mirror_to_smart_search:
+            await conn.execute(
+                """INSERT INTO smart_search ("assetId", embedding) VALUES ($1, $2::vector)
+                   ON CONFLICT ("assetId") DO UPDATE SET embedding = excluded.embedding""", asset_id, vec)
+
+
+@dataclass
+class FaceHandler(TaskHandler):
+    model_name: str = ""
+    min_score: float = 0.7
+
+    def request(self, image: Image.Image):
+        return (image, self.min_score)
+
+    async def write(self, conn, asset_id, image, output) -> None:
+        # replace the asset's faces atomically (we are inside the batch's transaction)
+        await conn.execute("DELETE FROM cnai.face WHERE asset_id = $1", asset_id)
+        if output:
+            await conn.executemany(
+                """INSERT INTO cnai.face (asset_id, x1, y1, x2, y2, score, embedding, image_width, image_height, model)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7::vector, $8, $9, $10)""",
+                [(asset_id, float(f.x1), float(f.y1), float(f.x2), float(f.y2), float(f.score),
+                  vector_literal(f.embedding), image.width, image.height, self.model_name) for f in output])

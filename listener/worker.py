@@ -1,0 +1,319 @@
+"""The listener: wakes on NOTIFY or its poll timer, claims batches under a lease, runs them, writes results.
+
+Guarantees (see DESIGN.md): notifications are hints (it polls, and catches up on every (re)connect); a job it
+claims is leased and the lease renewed while it works; if it dies, the reaper in any listener re-queues the job
+once the lease expires; results and job completion commit in one transaction, after checking it still holds
+the job; SIGTERM finishes the batch in hand (up to a grace period) and hands back the rest.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import asyncpg
+
+from inference.images import ImageDecodeError, decode_image
+from inference.pool import ModelPool, Priority
+from inference.runtime import ModelMissingError
+
+from .errors import PermanentJobError
+from .paths import map_path
+from .tasks import TaskHandler
+
+log = logging.getLogger(__name__)
+CHANNEL = "cnai_job"
+
+
+@dataclass
+class ListenerConfig:
+    tasks: list[str]
+    path_map: list = field(default_factory=list)
+    batch_size: int = 16
+    concurrency: int = 2          # batches in flight at once
+    poll_interval_s: float = 2.0
+    lease_s: float = 60.0
+    backoff_base_s: float = 5.0
+    grace_s: float = 30.0         # SIGTERM: how long the batch in hand may take to finish
+    prune_after_s: float = 7 * 86400
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}")
+
+
+@dataclass
+class Claimed:
+    id: int
+    asset_id: object
+    task: str
+    attempts: int
+
+
+class Listener:
+    def __init__(self, dsn: str, pool: ModelPool, handlers: dict[str, TaskHandler], config: ListenerConfig):
+        self.dsn = dsn
+        self.pool = pool
+        self.handlers = handlers
+        self.config = config
+        self.worker = config.worker_id
+        self.wakeup = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.held: set[int] = set()
+        self.db: asyncpg.Pool | None = None
+        self.processed = 0
+        self.connected = asyncio.Event()
+        unknown = set(config.tasks) - set(handlers)
+        if unknown:
+            raise ValueError(f"no handler for task(s) {sorted(unknown)}")
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+    async def run(self) -> None:
+        log.info("listener %s starting (tasks %s)", self.worker, ",".join(self.config.tasks))
+        self.db = await self._connect_pool()
+        aux = [asyncio.create_task(self._listen_forever(), name="listen"),
+               asyncio.create_task(self._maintain_forever(), name="maintain"),
+               asyncio.create_task(self._renew_forever(), name="renew")]
+        workers = [asyncio.create_task(self._work_forever(i), name=f"worker-{i}")
+                   for i in range(self.config.concurrency)]
+        try:
+            await self.stopping.wait()
+            log.info("listener %s stopping: finishing the batch in hand (up to %.0f s)", self.worker,
+                     self.config.grace_s)
+            done, pending = await asyncio.wait(workers, timeout=self.config.grace_s)
+            for t in pending:
+                t.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        finally:
+            for t in aux + workers:
+                t.cancel()
+            await asyncio.gather(*aux, *workers, return_exceptions=True)
+            if self.held:
+                await self._release(list(self.held))
+            await self.db.close()
+            log.info("listener %s stopped", self.worker)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.wakeup.set()
+
+    async def _connect_pool(self) -> asyncpg.Pool:
+        delay = 0.5
+        while True:
+            try:
+                return await asyncpg.create_pool(self.dsn, min_size=1, max_size=self.config.concurrency + 2,
+                                                 command_timeout=120)
+            except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as e:
+                if self.stopping.is_set():
+                    raise
+                log.warning("database not reachable (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    # --- LISTEN: a dedicated connection that never sits in a transaction ---------------------------------------
+    async def _listen_forever(self) -> None:
+        delay = 0.5
+        while not self.stopping.is_set():
+            conn = None
+            try:
+                conn = await asyncpg.connect(self.dsn)
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _c: lost.set())
+                await conn.add_listener(CHANNEL, lambda *_: self.wakeup.set())
+                delay = 0.5
+                self.connected.set()
+                self.wakeup.set()  # catch up: anything queued while we weren't listening
+                while not lost.is_set() and not self.stopping.is_set():
+                    try:
+                        await asyncio.wait_for(lost.wait(), timeout=10)
+                    except asyncio.TimeoutError:
+                        await conn.execute("SELECT 1")  # notice a dead connection even when idle
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("LISTEN connection lost (%s); reconnecting in %.1f s", e, delay)
+            finally:
+                self.connected.clear()
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            if not self.stopping.is_set():
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
+    # --- maintenance: reaper and pruning ------------------------------------------------------------------------
+    async def _maintain_forever(self) -> None:
+        last_prune = 0.0
+        while True:
+            try:
+                async with self.db.acquire() as conn:
+                    reaped = await conn.fetchval("SELECT cnai.reap_expired()")
+                    if reaped:
+                        log.warning("re-queued %d job(s) whose lease expired", reaped)
+                        self.wakeup.set()
+                    if time.monotonic() - last_prune > 600:
+                        pruned = await conn.fetchval("SELECT cnai.prune_jobs($1)",
+                                                     timedelta(seconds=self.config.prune_after_s))
+                        last_prune = time.monotonic()
+                        if pruned:
+                            log.info("pruned %d finished job(s)", pruned)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("maintenance failed: %s", e)
+            await asyncio.sleep(max(self.config.poll_interval_s, min(self.config.lease_s / 4, 5)))
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.lease_s / 3)
+            if not self.held:
+                continue
+            try:
+                async with self.db.acquire() as conn:
+                    kept = await conn.fetch("SELECT cnai.renew_leases($1, $2, $3)", self.worker, list(self.held),
+                                            timedelta(seconds=self.config.lease_s))
+                lost = self.held - {r[0] for r in kept}
+                if lost:
+                    log.warning("lost the lease on %d job(s); their results will not be written", len(lost))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("lease renewal failed: %s", e)
+
+    # --- work ---------------------------------------------------------------------------------------------------
+    async def _work_forever(self, index: int) -> None:
+        while not self.stopping.is_set():
+            self.wakeup.clear()  # before claiming, so a NOTIFY during the claim is not lost
+            try:
+                jobs = await self._claim()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("claim failed: %s", e)
+                jobs = []
+                await asyncio.sleep(min(self.config.poll_interval_s, 1.0))
+            if not jobs:
+                try:
+                    await asyncio.wait_for(self.wakeup.wait(), timeout=self.config.poll_interval_s)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self.wakeup.set()  # there may be more: let a sibling worker claim in parallel
+            await self._process(jobs)
+
+    async def _claim(self) -> list[Claimed]:
+        async with self.db.acquire() as conn:
+            rows = await conn.fetch("SELECT * FROM cnai.claim_jobs($1, $2, $3, $4)", self.worker,
+                                    self.config.batch_size, self.config.tasks,
+                                    timedelta(seconds=self.config.lease_s))
+        jobs = [Claimed(r["id"], r["asset_id"], r["task"], r["attempts"]) for r in rows]
+        self.held.update(j.id for j in jobs)
+        return jobs
+
+    async def _process(self, jobs: list[Claimed]) -> None:
+        try:
+            paths = await self._preview_paths([j.asset_id for j in jobs])
+            outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id)) for j in jobs))
+            await self._settle(jobs, outcomes)
+        finally:
+            self.held.difference_update(j.id for j in jobs)
+
+    async def _preview_paths(self, asset_ids: list) -> dict:
+        async with self.db.acquire() as conn:
+            rows = await conn.fetch(
+                """SELECT DISTINCT ON ("assetId") "assetId", path FROM asset_file
+                    WHERE "assetId" = ANY($1::uuid[]) AND type::text = 'preview'
+                    ORDER BY "assetId", "isEdited" ASC""", list(set(asset_ids)))
+        return {r["assetId"]: r["path"] for r in rows}
+
+    async def _run_job(self, job: Claimed, path: str | None):
+        """Returns ('ok', image, output) or ('error', message, permanent)."""
+        handler = self.handlers[job.task]
+        try:
+            if path is None:
+                raise PermanentJobError("asset has no preview file in asset_file")
+            local = map_path(path, self.config.path_map)
+            image = await asyncio.get_running_loop().run_in_executor(None, _read_image, local)
+            output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND)
+            return ("ok", image, output)
+        except asyncio.CancelledError:
+            raise
+        except (PermanentJobError, ModelMissingError) as e:
+            return ("error", str(e), True)
+        except Exception as e:
+            log.exception("job %s (%s) failed", job.id, job.task)
+            return ("error", f"{type(e).__name__}: {e}", False)
+
+    async def _settle(self, jobs: list[Claimed], outcomes: list) -> None:
+        try:
+            await self._settle_batch(jobs, outcomes)
+        except asyncpg.PostgresError as e:
+            if len(jobs) == 1:
+                # the database refused this result (e.g. a constraint): a retryable failure, with the reason
+                await self._settle_batch(jobs, [("error", f"writing the result failed: {e}", False)])
+            else:  # find the offending result: settle one by one
+                for job, outcome in zip(jobs, outcomes):
+                    await self._settle([job], [outcome])
+
+    async def _settle_batch(self, jobs: list[Claimed], outcomes: list) -> None:
+        delay = 0.2
+        for attempt in range(6):
+            try:
+                async with self.db.acquire() as conn, conn.transaction():
+                    owned = {r[0] for r in await conn.fetch("SELECT cnai.lock_owned($1, $2)", self.worker,
+                                                            [j.id for j in jobs])}
+                    ok_ids, fail_ids, fail_errors, fail_permanent = [], [], [], []
+                    for job, outcome in zip(jobs, outcomes):
+                        if job.id not in owned:
+                            continue
+                        if outcome[0] == "ok":
+                            await self.handlers[job.task].write(conn, job.asset_id, outcome[1], outcome[2])
+                            ok_ids.append(job.id)
+                        else:
+                            fail_ids.append(job.id)
+                            fail_errors.append(outcome[1])
+                            fail_permanent.append(outcome[2])
+                    if ok_ids:
+                        await conn.execute("SELECT cnai.complete_jobs($1, $2)", self.worker, ok_ids)
+                    if fail_ids:
+                        await conn.execute("SELECT cnai.fail_jobs($1, $2, $3, $4, $5)", self.worker, fail_ids,
+                                           fail_errors, fail_permanent,
+                                           timedelta(seconds=self.config.backoff_base_s))
+                self.processed += len(owned)
+                if len(owned) < len(jobs):
+                    log.warning("%d job(s) of this batch were taken over after a lost lease; not written",
+                                len(jobs) - len(owned))
+                return
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError) as e:
+                log.warning("writing results failed (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+        log.error("could not write a batch of %d results; the jobs will be re-run after their lease expires",
+                  len(jobs))
+
+    async def _release(self, ids: list[int]) -> None:
+        try:
+            async with self.db.acquire() as conn:
+                await conn.execute("SELECT cnai.release_jobs($1, $2)", self.worker, ids)
+            log.info("handed back %d unfinished job(s)", len(ids))
+        except Exception as e:
+            log.warning("could not hand back %d job(s) (%s); they return when their lease expires", len(ids), e)
+
+
+def _read_image(path):
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PermanentJobError(f"preview file not found: {path}") from None
+    except IsADirectoryError:
+        raise PermanentJobError(f"preview path is a directory: {path}") from None
+    except PermissionError:
+        raise PermanentJobError(f"preview file not readable (permission denied): {path}") from None
+    try:
+        return decode_image(data)
+    except ImageDecodeError as e:
+        raise PermanentJobError(f"{e} ({path})") from None

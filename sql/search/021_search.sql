@@ -1,0 +1,90 @@
+-- cnai.search: what a patched Immich search (`ocr:` prefix) and `cnai search` call.
+--   'ocr:发票'                      -> OCR text only, best first
+--   '海边日落' + query_embedding     -> hybrid: OCR text and CLIP vector fused by reciprocal rank (k = 60)
+--   '海边日落' without an embedding  -> OCR text only
+-- Trashed, deleted, hidden and locked assets never appear; owner_ids (when given) restricts to those owners.
+
+-- Score of one OCR match: cover density over the positions (phrases close together rank higher), with a
+-- bonus when the query occurs verbatim, normalised by document length so a short label beats a long page.
+CREATE OR REPLACE FUNCTION cnai.ocr_match_score(doc_tokens tsvector, doc_text text, q tsquery, q_text text)
+RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT ts_rank_cd(doc_tokens, q, 1)::float8
+         + CASE WHEN strpos(lower(doc_text), lower(btrim(q_text))) > 0 THEN 1.0 ELSE 0.0 END;
+$$;
+
+CREATE OR REPLACE FUNCTION cnai.search_ocr(q_text text, owner_ids uuid[], lim integer)
+RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE sql STABLE AS $$
+  WITH q AS (SELECT cnai.zh_tsquery(q_text) AS tsq)
+  SELECT o.asset_id, s.score, (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
+    FROM q, cnai.ocr o
+    JOIN asset a ON a.id = o.asset_id
+    CROSS JOIN LATERAL (SELECT cnai.ocr_match_score(o.tokens, o.text, q.tsq, q_text) AS score) s
+   WHERE q.tsq IS NOT NULL AND o.tokens @@ q.tsq
+     AND a."deletedAt" IS NULL AND a.status::text = 'active' AND a.visibility::text NOT IN ('hidden', 'locked')
+     AND (owner_ids IS NULL OR a."ownerId" = ANY (owner_ids))
+   ORDER BY s.score DESC, o.asset_id
+   LIMIT lim;
+$$;
+
+CREATE OR REPLACE FUNCTION cnai.search_clip(query_embedding vector, owner_ids uuid[], lim integer)
+RETURNS TABLE (asset_id uuid, distance float8, clip_rank integer) LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+BEGIN
+  -- filters apply after the HNSW scan; let pgvector (>= 0.8) keep scanning until enough rows pass them
+  BEGIN
+    PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
+    PERFORM set_config('hnsw.ef_search', greatest(40, least(lim, 1000))::text, true);
+  EXCEPTION WHEN OTHERS THEN
+    NULL;
+  END;
+  RETURN QUERY
+  WITH nearest AS (
+    SELECT c.asset_id, (c.embedding <=> query_embedding)::float8 AS distance
+      FROM cnai.clip c JOIN asset a ON a.id = c.asset_id
+     WHERE a."deletedAt" IS NULL AND a.status::text = 'active' AND a.visibility::text NOT IN ('hidden', 'locked')
+       AND (owner_ids IS NULL OR a."ownerId" = ANY (owner_ids))
+     ORDER BY c.embedding <=> query_embedding
+     LIMIT lim
+  )
+  SELECT n.asset_id, n.distance, (row_number() OVER (ORDER BY n.distance, n.asset_id))::integer
+    FROM nearest n ORDER BY n.distance, n.asset_id;
+END $$;
+
+CREATE OR REPLACE FUNCTION cnai.search(query text, query_embedding vector DEFAULT NULL, owner_ids uuid[] DEFAULT NULL,
+                                       lim integer DEFAULT 100, offset_ integer DEFAULT 0,
+                                       ocr_weight float8 DEFAULT 1.0, clip_weight float8 DEFAULT 1.0,
+                                       rrf_k integer DEFAULT 60)
+RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer, clip_rank integer) LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+  q text := btrim(coalesce(query, ''));
+  ocr_only boolean := q ~* '^ocr:';
+  branch integer;
+BEGIN
+  IF lim IS NULL OR lim < 1 OR lim > 1000 THEN
+    RAISE EXCEPTION 'cnai.search: lim must be between 1 and 1000, got %', lim USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF offset_ IS NULL OR offset_ < 0 THEN
+    RAISE EXCEPTION 'cnai.search: offset_ must be >= 0, got %', offset_ USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  IF ocr_only THEN
+    q := btrim(substr(q, 5));
+  END IF;
+  IF ocr_only OR query_embedding IS NULL THEN
+    RETURN QUERY
+      SELECT s.asset_id, s.score, s.ocr_rank, NULL::integer
+        FROM cnai.search_ocr(q, owner_ids, lim + offset_) s
+       ORDER BY s.ocr_rank OFFSET offset_ LIMIT lim;
+    RETURN;
+  END IF;
+  -- each branch contributes its top 2x the page (as Supabase's and ParadeDB's hybrid search do)
+  branch := least(2 * (lim + offset_), 2000);
+  RETURN QUERY
+    SELECT coalesce(o.asset_id, c.asset_id),
+           coalesce(ocr_weight / (rrf_k + o.ocr_rank), 0) + coalesce(clip_weight / (rrf_k + c.clip_rank), 0),
+           o.ocr_rank, c.clip_rank
+      FROM cnai.search_ocr(q, owner_ids, branch) o
+      FULL OUTER JOIN cnai.search_clip(query_embedding, owner_ids, branch) c ON c.asset_id = o.asset_id
+     ORDER BY 2 DESC, 1
+    OFFSET offset_ LIMIT lim;
+END $$;

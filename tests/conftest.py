@@ -1,0 +1,101 @@
+"""Shared fixtures: one real embedded PostgreSQL (pgvector) per test session, migrated; image helpers."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from PIL import Image, ImageDraw, ImageFont
+
+from cnai.db import migrate
+from cnai.embedded import EmbeddedServer
+
+FONT_CANDIDATES = [
+    "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
+    "/usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc",
+    "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc",
+]
+
+
+def cjk_font(size: int = 48) -> ImageFont.FreeTypeFont:
+    for path in FONT_CANDIDATES:
+        if os.path.exists(path):
+            return ImageFont.truetype(path, size)
+    pytest.fail("no CJK font installed: run the project's test script, which installs fonts-wqy-zenhei")
+
+
+def render_text(lines: list[str], size: int = 48, width: int = 900) -> Image.Image:
+    font = cjk_font(size)
+    height = 60 + len(lines) * int(size * 2.2)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    for i, line in enumerate(lines):
+        draw.text((30, 30 + i * int(size * 2.2)), line, font=font, fill="black")
+    return img
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    data_dir = Path(tempfile.mkdtemp(prefix="cnai-test-pg-"))
+    server = EmbeddedServer(data_dir)
+    server.start()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture(scope="session")
+def dsn(pg_server) -> str:
+    url = pg_server.dsn()
+    asyncio.run(migrate(url, standalone=True))
+    return url
+
+
+@pytest_asyncio.fixture
+async def db(dsn):
+    conn = await asyncpg.connect(dsn)
+    await conn.execute('TRUNCATE "user", asset, reprocess_request, cnai.job CASCADE')
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def photo_dir():
+    path = Path(tempfile.mkdtemp(prefix="cnai-test-photos-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def make_user(conn, email: str | None = None):
+    return await conn.fetchval('INSERT INTO "user" (email) VALUES ($1) RETURNING id',
+                               email or f"{uuid.uuid4().hex[:8]}@test")
+
+
+async def make_asset(conn, owner, path: Path, with_preview: bool = True):
+    """An asset whose preview is `path`, written the way Immich writes it (one upsert statement)."""
+    checksum = hashlib.sha1(str(path).encode() + uuid.uuid4().bytes).digest()
+    asset_id = await conn.fetchval(
+        """INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+           VALUES ($1, $2, $3, $4) RETURNING id""", owner, str(path), path.name, checksum)
+    if with_preview:
+        await conn.execute(
+            """INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', $2)
+               ON CONFLICT ("assetId", type, "isEdited") DO UPDATE SET path = excluded.path""", asset_id, str(path))
+    return asset_id
+
+
+async def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
