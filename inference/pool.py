@@ -116,8 +116,8 @@ class ModelPool:
         """Load models now so the first request doesn't pay for it. Returns the error per key, if any."""
         result: dict[str, Exception | None] = {}
         for key in keys:
-            lane = self._lane(key)
             try:
+                lane = self._lane(key)  # constructing a model may already find its files missing
                 await asyncio.get_running_loop().run_in_executor(lane.executor, lane.model.load)
                 lane.loaded = True
                 result[key] = None

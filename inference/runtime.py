@@ -72,6 +72,8 @@ def create_session(path: Path | str, options: RuntimeOptions | None = None,
     if threads > 0:
         so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
+    # errors only: models with a fixed batch in their declared output shape warn on every batched run
+    so.log_severity_level = 3
     session = ort.InferenceSession(str(path), sess_options=so, providers=options.ort_providers())
     log.info("loaded %s on %s", path, ", ".join(session.get_providers()))
     return session

@@ -5,10 +5,11 @@
 -- Trashed, deleted, hidden and locked assets never appear; owner_ids (when given) restricts to those owners.
 
 -- Score of one OCR match: cover density over the positions (phrases close together rank higher), with a
--- bonus when the query occurs verbatim, normalised by document length so a short label beats a long page.
+-- bonus when the query occurs verbatim; divided by document length, so a photo whose text is mostly the query
+-- (a sign, a label, a document title) beats a long page that mentions it in passing.
 CREATE OR REPLACE FUNCTION cnai.ocr_match_score(doc_tokens tsvector, doc_text text, q tsquery, q_text text)
 RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT ts_rank_cd(doc_tokens, q, 1)::float8
+  SELECT ts_rank_cd(doc_tokens, q, 2)::float8
          + CASE WHEN strpos(lower(doc_text), lower(btrim(q_text))) > 0 THEN 1.0 ELSE 0.0 END;
 $$;
 
