@@ -52,14 +52,17 @@ class _Lane:
         return sum(len(q) for q in self.queues.values())
 
     def take_batch(self) -> list[tuple[Any, asyncio.Future, Priority]]:
-        batch = []
+        # interactive items go alone: a small batch finishes sooner than one topped up with background work
         for p in Priority:
             q = self.queues[p]
+            batch = []
             while q and len(batch) < self.model.max_batch:
                 item, fut = q.popleft()
                 if not fut.cancelled():
                     batch.append((item, fut, p))
-        return batch
+            if batch:
+                return batch
+        return []
 
 
 class ModelPool:
@@ -152,7 +155,8 @@ class ModelPool:
             await lane.wakeup.wait()
             lane.wakeup.clear()
             while lane.pending():
-                if lane.pending() < lane.model.max_batch and lane.max_wait_s > 0:
+                interactive_waiting = bool(lane.queues[Priority.INTERACTIVE])
+                if lane.pending() < lane.model.max_batch and lane.max_wait_s > 0 and not interactive_waiting:
                     # give concurrent callers a moment to join this batch
                     deadline = loop.time() + lane.max_wait_s
                     while lane.pending() < lane.model.max_batch and loop.time() < deadline:
