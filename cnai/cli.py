@@ -200,7 +200,7 @@ async def cmd_search(args, settings):
         return
     for i, r in enumerate(rows, 1):
         snippet = " ".join((r["text"] or "").split())[:60]
-        print(f"{i:3d}  {r['score']:.4f}  {r['path']}  {snippet}")
+        print(f"{i:3d}  {r['score']:.4f}  {r['asset_id']}  {r['path']}  {snippet}")
 
 
 async def _text_embedding(settings, text: str) -> str | None:

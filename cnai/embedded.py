@@ -39,6 +39,10 @@ def default_data_dir() -> Path:
 @dataclass
 class EmbeddedServer:
     data_dir: Path
+    bin_path: Path | None = None  # another PostgreSQL's binaries (tests use Debian's to check older servers)
+
+    def bins(self) -> Path:
+        return self.bin_path or bin_dir()
 
     @property
     def pgdata(self) -> Path:
@@ -62,7 +66,17 @@ class EmbeddedServer:
             subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
                            check=True, capture_output=True)
         # the server must be able to reach its folders and run the wheel's binaries
-        for path in [self.data_dir, *self.data_dir.parents, bin_dir().parent, *bin_dir().parent.parents]:
+        for path in [self.data_dir, *self.data_dir.parents]:
+            try:
+                mode = path.stat().st_mode
+                if not mode & 0o001:
+                    path.chmod(mode | 0o001)
+            except PermissionError:
+                pass
+        if self.bin_path is not None:
+            os.chown(self.data_dir, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+            return
+        for path in [bin_dir().parent, *bin_dir().parent.parents]:
             try:
                 mode = path.stat().st_mode
                 if not mode & 0o001:
@@ -79,7 +93,7 @@ class EmbeddedServer:
         os.chown(self.data_dir, pw.pw_uid, pw.pw_gid)
 
     def _pg(self, exe: str, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-        cmd = [str(bin_dir() / exe), *args]
+        cmd = [str(self.bins() / exe), *args]
         user = self._run_as()
         if user:
             cmd = ["runuser", "-u", user, "--", *cmd]
@@ -95,9 +109,12 @@ class EmbeddedServer:
         if self.initialised():
             return
         log.info("creating a PostgreSQL cluster in %s", self.pgdata)
-        # builtin C.UTF-8 locale: Unicode-aware lower() and regexes without depending on the OS's locales
+        version = int(self._pg("initdb", "--version").stdout.split()[-1].split(".")[0])
+        # builtin C.UTF-8 locale (PostgreSQL 17+): Unicode-aware lower() and regexes without the OS's locales
+        locale = (["--locale-provider=builtin", "--builtin-locale=C.UTF-8"] if version >= 17
+                  else ["--locale=C.UTF-8"])
         self._pg("initdb", "-D", str(self.pgdata), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8",
-                 "--locale-provider=builtin", "--builtin-locale=C.UTF-8", "--no-instructions")
+                 *locale, "--no-instructions")
         with open(self.pgdata / "postgresql.conf", "a") as conf:
             conf.write("\n# cnai embedded defaults\nlisten_addresses = '127.0.0.1'\n"
                        f"port = {_free_port()}\nunix_socket_directories = ''\n"
@@ -165,7 +182,7 @@ class EmbeddedServer:
         return port
 
     def _ensure_database(self, port: int) -> None:
-        psql = [str(bin_dir() / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", SUPERUSER, "-d", "postgres",
+        psql = [str(self.bins() / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", SUPERUSER, "-d", "postgres",
                 "-tAc"]
         exists = subprocess.run([*psql, f"SELECT 1 FROM pg_database WHERE datname = '{DATABASE}'"],
                                 capture_output=True, text=True, check=True).stdout.strip()

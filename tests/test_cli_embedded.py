@@ -77,6 +77,9 @@ def test_serve_watch_search_reprocess(embedded_home):
 
         top = cnai("search", *db, "ocr:发票", "--limit", "1", env=env)
         assert top.returncode == 0 and len(top.stdout.strip().splitlines()) == 1
+        asset_id = top.stdout.split()[2]
+        again = cnai("reprocess", *db, asset_id, "--task", "ocr", "--timeout", "60", env=env)
+        assert again.returncode == 0 and f"asset {asset_id}" in again.stdout and ": done" in again.stdout, again
 
         (photos / "receipt.jpg").unlink()
         wait_until(lambda: "receipt.jpg" not in cnai("search", *db, "ocr:发票", env=env).stdout, 30,

@@ -1,0 +1,72 @@
+"""Against Debian's own PostgreSQL 15 (no pgvector): a clear error from `cnai migrate`, and the queue and CJK
+tokenizer SQL run unchanged on an older server (Immich supports 14-18) with the same tokens as on 18."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from cnai.db import DatabaseSetupError, migrate
+from cnai.embedded import EmbeddedServer
+
+DEBIAN_PG = sorted(Path("/usr/lib/postgresql").glob("1[4-7]/bin/postgres"))
+pytestmark = pytest.mark.skipif(not DEBIAN_PG, reason="no Debian PostgreSQL 14-17 server installed")
+
+SAMPLE = "增值税发票 No.128 Hello 東京タワー，合计：１２８元"
+
+
+@pytest.fixture(scope="module")
+def old_server():
+    data = Path(tempfile.mkdtemp(prefix="cnai-test-pg-old-"))
+    server = EmbeddedServer(data, bin_path=DEBIAN_PG[-1].parent)
+    server.start()
+    yield server
+    server.destroy()
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest_asyncio.fixture
+async def old_conn(old_server):
+    conn = await asyncpg.connect(old_server.dsn())
+    yield conn
+    await conn.close()
+
+
+async def test_missing_pgvector_is_a_clear_error(old_server):
+    with pytest.raises(DatabaseSetupError, match="pgvector extension is not installed") as e:
+        await migrate(old_server.dsn(), standalone=True)
+    assert "--embedded" in str(e.value) and "pgvector" in str(e.value)
+
+
+async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
+    # a stand-in for Immich's asset/asset_file (without vector columns), then our files, as-is
+    await old_conn.execute("""
+        DROP SCHEMA IF EXISTS cnai CASCADE;
+        DROP TABLE IF EXISTS reprocess_request, asset_file, asset CASCADE;
+        CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid());
+        CREATE TABLE asset_file (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "assetId" uuid REFERENCES asset(id),
+                                 type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
+                                 UNIQUE ("assetId", type, "isEdited"));""")
+    root = Path(__file__).resolve().parent.parent / "sql"
+    for name in ("triggers/001_queue.sql", "triggers/002_queue_ops.sql", "zhparser/010_cjk_tokens.sql"):
+        await old_conn.execute((root / name).read_text())
+    asset = await old_conn.fetchval("INSERT INTO asset DEFAULT VALUES RETURNING id")
+    await old_conn.execute("""INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', '/p.jpg')""", asset)
+    assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") == 3
+    jobs = await old_conn.fetch("SELECT * FROM cnai.claim_jobs('w', 10, '{clip,ocr,face}', '1 minute')")
+    assert len(jobs) == 3
+    await old_conn.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
+    assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'done'") == 3
+
+    old_tokens = await old_conn.fetchval("SELECT cnai.zh_tsvector($1)::text", SAMPLE)
+    new = await asyncpg.connect(dsn)
+    try:
+        new_tokens = await new.fetchval("SELECT cnai.zh_tsvector($1)::text", SAMPLE)
+    finally:
+        await new.close()
+    assert old_tokens == new_tokens
+    assert await old_conn.fetchval("SELECT cnai.zh_tsvector($1) @@ cnai.zh_tsquery('值税发')", SAMPLE)
