@@ -1,9 +1,10 @@
 """The contract every model family implements so the pool can batch it."""
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
+@runtime_checkable
 class BatchModel(Protocol):
     """A loaded-on-demand model that processes a list of inputs at once.
 
