@@ -5,6 +5,11 @@ Marked `slow` so it can be deselected (`-m "not slow"`), but it runs by default.
 """
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -37,7 +42,13 @@ def test_vit_b_16_end_to_end(tmp_path):
     models = tmp_path / "models"
     with pytest.raises(ExportError, match="It looks like ViT-B-16: pass --arch ViT-B-16"):
         import_checkpoint(ckpt, "RN50", models)
-    model_dir = import_checkpoint(ckpt, "ViT-B-16", models)
+    # through the command a person runs
+    env = {**os.environ, "CNAI_MODELS_DIR": str(models)}
+    done = subprocess.run([sys.executable, "-m", "cnai", "models", "import-clip", str(ckpt), "--arch", "ViT-B-16"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CNAI_CLIP_MODEL=ViT-B-16" in done.stdout
+    model_dir = models / "clip" / "ViT-B-16"
     t_import = time.monotonic()
     assert model_dir == find_clip_model(models, "ViT-B-16") == models / "clip" / "ViT-B-16"
 
@@ -63,5 +74,31 @@ def test_vit_b_16_end_to_end(tmp_path):
     rt /= np.linalg.norm(rt, axis=1, keepdims=True)
     assert (img[:2] * ri).sum(1).min() >= 0.999
     assert (txt * rt).sum(1).min() >= 0.999
+    # and the gateway serves it under an Immich CLIP name
+    served = asyncio.run(_predict_text(models, "海边日落"))
+    assert float(served @ textual.run_batch(["海边日落"])[0]) > 0.9999
     print(f"\nViT-B-16: checkpoint {t_ckpt - t0:.0f}s, import+verify {t_import - t_ckpt:.0f}s, "
           f"total {time.monotonic() - t0:.0f}s")
+
+
+async def _predict_text(models, text: str) -> np.ndarray:
+    import aiohttp
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from cnai.settings import Settings
+    from cnai.wiring import build_gateway, build_pool
+
+    settings = Settings()
+    settings.models_dir = models
+    settings.clip_model = "ViT-B-16"
+    pool = build_pool(settings)
+    try:
+        async with TestClient(TestServer(build_gateway(pool, settings).app())) as client:
+            form = aiohttp.FormData()
+            form.add_field("entries", json.dumps({"clip": {"textual": {"modelName": "ViT-B-32__openai"}}}))
+            form.add_field("text", text)
+            r = await client.post("/predict", data=form)
+            assert r.status == 200, await r.text()
+            return np.array(json.loads((await r.json())["clip"]), dtype=np.float32)
+    finally:
+        await pool.close()
