@@ -24,7 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# run as a script: import the project, and don't let bench/queue.py shadow the standard library's queue
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
 
 from inference.clip import ClipTextual, ClipVisual  # noqa: E402
 from inference.ocr import OcrModel, OcrRequest  # noqa: E402

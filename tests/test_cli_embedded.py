@@ -105,3 +105,46 @@ def test_reprocess_cli_reports_outcome_and_bad_input(embedded_home):
     assert r.returncode != 0 and "does not exist" in r.stderr
     r = cnai("reprocess", *db, "not-a-uuid", "--no-wait", env=env)
     assert r.returncode != 0 and "cnai reprocess" in r.stderr
+
+
+def test_backfill_queues_only_what_lacks_results(embedded_home):
+    import asyncio
+
+    import asyncpg
+
+    data = embedded_home / "data"
+    env = {**os.environ, "CNAI_MODELS_DIR": str(embedded_home / "models")}
+    db = ["--embedded", "--data-dir", str(data)]
+    assert cnai("migrate", *db, env=env).returncode == 0
+
+    async def setup():
+        conn = await asyncpg.connect(EmbeddedServer(data).dsn())
+        try:
+            owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('b@test') RETURNING id""")
+            ids = []
+            for i in range(3):
+                a = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                                           VALUES ($1, $2, 'x.jpg', $3) RETURNING id""", owner, f"/p/{i}.jpg",
+                                        bytes([i]))
+                await conn.execute("""INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', $2)""",
+                                   a, f"/p/{i}.jpg")
+                ids.append(a)
+            await conn.execute("DELETE FROM cnai.job")  # as if the work had been done and pruned
+            await conn.execute("INSERT INTO cnai.ocr (asset_id, text, lines, model) VALUES ($1, 'x', '[]', 't')", ids[0])
+        finally:
+            await conn.close()
+
+    async def queued(task):
+        conn = await asyncpg.connect(EmbeddedServer(data).dsn())
+        try:
+            return await conn.fetchval("SELECT count(*) FROM cnai.job WHERE task = $1 AND state = 'queued'", task)
+        finally:
+            await conn.close()
+
+    asyncio.run(setup())
+    r = cnai("backfill", *db, "--task", "ocr", env=env)
+    assert r.returncode == 0 and "ocr: queued 2" in r.stdout, r.stdout + r.stderr
+    assert asyncio.run(queued("ocr")) == 2
+    r = cnai("backfill", *db, "--task", "ocr", "--force", env=env)
+    assert "ocr: queued 1" in r.stdout  # the two already queued coalesce; the one with a result joins
+    assert asyncio.run(queued("ocr")) == 3 and asyncio.run(queued("clip")) == 0
