@@ -200,7 +200,14 @@ class Listener:
                     pass
                 continue
             self.wakeup.set()  # there may be more: let a sibling worker claim in parallel
-            await self._process(jobs)
+            try:
+                await self._process(jobs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                # e.g. the database went away mid-batch: the jobs' leases lapse and the reaper re-queues them
+                log.warning("batch of %d job(s) abandoned: %s", len(jobs), e)
+                await asyncio.sleep(min(self.config.poll_interval_s, 1.0))
 
     async def _claim(self) -> list[Claimed]:
         async with self.db.acquire() as conn:
