@@ -54,6 +54,27 @@ async def _prepare(args, settings) -> str:
     return dsn
 
 
+async def _wait_for_database(args, settings, stop: asyncio.Event) -> str | None:
+    """A service started before its database (boot order, a restart) waits for it instead of dying."""
+    delay = 1.0
+    while not stop.is_set():
+        try:
+            return await _prepare(args, settings)
+        except (OSError, asyncio.TimeoutError, ConnectionError) as e:
+            log.warning("database not reachable (%s); retrying in %.0f s", e, delay)
+        except Exception as e:
+            import asyncpg
+            if not isinstance(e, (asyncpg.CannotConnectNowError, asyncpg.PostgresConnectionError)):
+                raise
+            log.warning("database not ready (%s); retrying in %.0f s", e, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=delay)
+        except asyncio.TimeoutError:
+            pass
+        delay = min(delay * 2, 15)
+    return None
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -66,10 +87,14 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
 
     from .wiring import build_gateway, build_listener, build_pool, mirror_clip_to_immich, preload_keys
 
-    dsn = await _prepare(args, settings) if listener or getattr(args, "watch", None) else None
-    pool = build_pool(settings)
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    dsn = None
+    if listener or getattr(args, "watch", None):
+        dsn = await _wait_for_database(args, settings, stop)
+        if dsn is None:
+            return
+    pool = build_pool(settings)
     tasks = []
     runner = None
     if settings.preload:
