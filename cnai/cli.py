@@ -71,7 +71,7 @@ async def _wait_for_database(args, settings, stop: asyncio.Event) -> str | None:
             await asyncio.wait_for(stop.wait(), timeout=delay)
         except asyncio.TimeoutError:
             pass
-        delay = min(delay * 2, 15)
+        delay = min(delay * 2, 5)
     return None
 
 

@@ -110,7 +110,7 @@ class Listener:
                     raise
                 log.warning("database not reachable (%s); retrying in %.1f s", e, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+                delay = min(delay * 2, 5)
 
     # --- LISTEN: a dedicated connection that never sits in a transaction ---------------------------------------
     async def _listen_forever(self) -> None:
@@ -140,7 +140,7 @@ class Listener:
                     conn.terminate()
             if not self.stopping.is_set():
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 10)
+                delay = min(delay * 2, 5)
 
     # --- maintenance: reaper and pruning ------------------------------------------------------------------------
     async def _maintain_forever(self) -> None:
