@@ -66,29 +66,15 @@ class EmbeddedServer:
             subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", user],
                            check=True, capture_output=True)
         # the server must be able to reach its folders and run the wheel's binaries
-        for path in [self.data_dir, *self.data_dir.parents]:
-            try:
-                mode = path.stat().st_mode
-                if not mode & 0o001:
-                    path.chmod(mode | 0o001)
-            except PermissionError:
-                pass
-        if self.bin_path is not None:
-            os.chown(self.data_dir, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
-            return
-        for path in [bin_dir().parent, *bin_dir().parent.parents]:
-            try:
-                mode = path.stat().st_mode
-                if not mode & 0o001:
-                    path.chmod(mode | 0o001)
-            except PermissionError:
-                pass
-        for root, dirs, files in os.walk(bin_dir().parent):
-            for name in dirs + files:
-                p = Path(root) / name
-                mode = p.stat().st_mode
-                if not mode & 0o005:
-                    p.chmod(mode | 0o005 if p.is_dir() or os.access(p, os.X_OK) else mode | 0o004)
+        _allow_traverse([self.data_dir, *self.data_dir.parents])
+        if self.bin_path is None:
+            _allow_traverse([bin_dir().parent, *bin_dir().parent.parents])
+            for root, dirs, files in os.walk(bin_dir().parent):
+                for name in dirs + files:
+                    p = Path(root) / name
+                    mode = p.stat().st_mode
+                    if not mode & 0o005:
+                        p.chmod(mode | 0o005 if p.is_dir() or os.access(p, os.X_OK) else mode | 0o004)
         pw = pwd.getpwnam(user)
         os.chown(self.data_dir, pw.pw_uid, pw.pw_gid)
 
@@ -192,6 +178,16 @@ class EmbeddedServer:
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+def _allow_traverse(paths) -> None:
+    for path in paths:
+        try:
+            mode = path.stat().st_mode
+            if not mode & 0o001:
+                path.chmod(mode | 0o001)
+        except PermissionError:
+            pass
 
 
 def _port_open(port: int) -> bool:

@@ -72,6 +72,22 @@ def photo_dir():
     shutil.rmtree(path, ignore_errors=True)
 
 
+def listener_settings(tasks: list[str], models_dir: Path | None = None, **overrides):
+    """Settings for a listener under test: quick polling and short leases."""
+    from cnai.settings import Settings
+    s = Settings()
+    if models_dir is not None:
+        s.models_dir = models_dir
+    s.tasks = tasks
+    s.poll_interval_s = 0.3
+    s.lease_s = 5
+    s.backoff_base_s = 0.2
+    s.path_map = []
+    for k, v in overrides.items():
+        setattr(s, k, v)
+    return s
+
+
 async def make_user(conn, email: str | None = None):
     return await conn.fetchval('INSERT INTO "user" (email) VALUES ($1) RETURNING id',
                                email or f"{uuid.uuid4().hex[:8]}@test")

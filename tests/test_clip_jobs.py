@@ -7,7 +7,6 @@ import io
 import json
 
 import aiohttp
-import asyncpg
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -18,7 +17,7 @@ from cnai.settings import Settings
 from cnai.wiring import build_gateway, build_listener, build_pool, mirror_clip_to_immich
 from inference.clip import ClipTextual, ClipVisual
 from tests.clip_fixtures import TINY_VIT, build_clip, sample_images, save_official
-from tests.conftest import make_asset, make_user, wait_for
+from tests.conftest import listener_settings, make_asset, make_user, wait_for
 
 pytest.importorskip("cn_clip")
 
@@ -35,14 +34,7 @@ def models_dir(tmp_path_factory):
 
 
 def clip_settings(models_dir) -> Settings:
-    s = Settings()
-    s.models_dir = models_dir
-    s.tasks = ["clip"]
-    s.clip_model = "ViT-B-16"
-    s.poll_interval_s = 0.3
-    s.lease_s = 5
-    s.path_map = []
-    return s
+    return listener_settings(["clip"], models_dir, clip_model="ViT-B-16")
 
 
 @pytest_asyncio.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 
 from cnai.settings import Settings
 from cnai.wiring import build_gateway, build_listener, build_pool
-from tests.conftest import make_asset, make_user, wait_for
+from tests.conftest import listener_settings, make_asset, make_user, wait_for
 from tests.face_fixtures import BLUE, canvas, face_models  # noqa: F401  (fixture)
 
 
@@ -31,13 +31,7 @@ def models_dir(tmp_path_factory, face_models):  # noqa: F811
 
 
 def face_settings(models_dir) -> Settings:
-    s = Settings()
-    s.models_dir = models_dir
-    s.tasks = ["face"]
-    s.poll_interval_s = 0.3
-    s.lease_s = 5
-    s.path_map = []
-    return s
+    return listener_settings(["face"], models_dir)
 
 
 @pytest_asyncio.fixture(scope="module")

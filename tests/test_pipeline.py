@@ -9,25 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import pytest_asyncio
 
 from cnai.settings import Settings
 from cnai.wiring import build_listener, build_pool
-from tests.conftest import make_asset, make_user, render_text, wait_for
+from tests.conftest import listener_settings, make_asset, make_user, render_text, wait_for
 
 
 def ocr_settings(**overrides) -> Settings:
-    s = Settings()
-    s.tasks = ["ocr"]
-    s.poll_interval_s = 0.3
-    s.lease_s = 5
-    s.batch_size = 4
-    s.backoff_base_s = 0.2
-    s.path_map = []
-    for k, v in overrides.items():
-        setattr(s, k, v)
-    return s
+    return listener_settings(["ocr"], **{"batch_size": 4, **overrides})
 
 
 @pytest_asyncio.fixture(scope="session")
@@ -104,7 +94,8 @@ async def test_reprocess_replaces_text_and_delete_cascades(db, dsn, ocr_pool, ph
     assert await search(db, "ocr:旧的") == []
     await db.execute("DELETE FROM asset WHERE id = $1", asset)
     assert await db.fetchval("SELECT count(*) FROM cnai.ocr") == 0
-    assert await db.fetchval("SELECT count(*) FROM cnai.job") == 0
+    leftover = await db.fetch("SELECT j.*, a.\"originalPath\" FROM cnai.job j LEFT JOIN asset a ON a.id = j.asset_id")
+    assert leftover == [], leftover
 
 
 async def test_bad_files_fail_with_reason_while_others_complete(db, dsn, ocr_pool, photo_dir):
