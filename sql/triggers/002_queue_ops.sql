@@ -11,7 +11,7 @@ CREATE OR REPLACE FUNCTION cnai.settle_requests(p_job_ids bigint[]) RETURNS void
            bool_or(j.state = 'failed') AS any_failed,
            string_agg(j.task || ': ' || coalesce(j.error, 'failed'), '; ' ORDER BY j.task)
              FILTER (WHERE j.state = 'failed') AS errors
-      FROM reqs r JOIN cnai.request_job rj USING (request_id) JOIN cnai.job j ON j.id = rj.job_id
+      FROM reqs r JOIN cnai.request_job rj USING (request_id) JOIN ONLY cnai.job j ON j.id = rj.job_id
      GROUP BY r.request_id
   )
   UPDATE reprocess_request q
@@ -23,41 +23,67 @@ CREATE OR REPLACE FUNCTION cnai.settle_requests(p_job_ids bigint[]) RETURNS void
    WHERE q.id = a.request_id AND q.status NOT IN ('done', 'failed');
 $$;
 
-CREATE OR REPLACE FUNCTION cnai.claim_jobs(p_worker text, p_limit integer, p_tasks text[], p_lease interval)
-RETURNS TABLE (id bigint, asset_id uuid, task text, attempts integer) LANGUAGE plpgsql AS $$
+-- Move what the asset_file trigger appended to cnai.job_intake into cnai.job proper, where it coalesces with
+-- what is already queued (rows of assets deleted since are dropped). Concurrent callers take disjoint rows.
+CREATE OR REPLACE FUNCTION cnai.take_intake(p_limit integer DEFAULT 10000) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
   n integer;
 BEGIN
+  WITH moved AS (
+    DELETE FROM cnai.job_intake i
+     WHERE i.ctid = ANY (ARRAY(SELECT x.ctid FROM cnai.job_intake x LIMIT p_limit FOR UPDATE SKIP LOCKED))
+    RETURNING i.id, i.asset_id, i.task, i.priority, i.created_at
+  ), queued AS (
+    INSERT INTO cnai.job (id, asset_id, task, priority, created_at)
+    SELECT min(m.id), m.asset_id, m.task, min(m.priority), min(m.created_at)
+      FROM moved m
+     WHERE EXISTS (SELECT FROM asset a WHERE a.id = m.asset_id)
+     GROUP BY m.asset_id, m.task
+     ORDER BY min(m.id)
+    ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING
+  )
+  SELECT count(*) INTO n FROM moved;
+  RETURN n;
+END $$;
+
+CREATE OR REPLACE FUNCTION cnai.claim_jobs(p_worker text, p_limit integer, p_tasks text[], p_lease interval)
+RETURNS TABLE (id bigint, asset_id uuid, task text, attempts integer) LANGUAGE plpgsql AS $$
+BEGIN
+  IF EXISTS (SELECT FROM cnai.job_intake) THEN
+    PERFORM cnai.take_intake();
+  END IF;
   RETURN QUERY
   WITH picked AS (
-    SELECT q.id FROM cnai.job q
+    SELECT q.id FROM ONLY cnai.job q
      WHERE q.state = 'queued' AND q.run_after <= now() AND q.task = ANY (p_tasks)
        -- the running twin of this (asset, task) must finish first: its result would overwrite ours
-       AND NOT EXISTS (SELECT 1 FROM cnai.job r
-                        WHERE r.asset_id = q.asset_id AND r.task = q.task AND r.state = 'running')
+       AND NOT EXISTS (SELECT FROM ONLY cnai.job r
+                        WHERE r.asset_id = q.asset_id AND r.task = q.task AND r.state = 'running'
+                        OFFSET 0)  -- keeps it a per-row index probe: an anti-join would scan all running jobs
      ORDER BY q.priority, q.id
      LIMIT p_limit
      FOR UPDATE SKIP LOCKED
-  )
-  UPDATE cnai.job j
-     SET state = 'running', attempts = j.attempts + 1, worker = p_worker,
-         lease_until = now() + p_lease, started_at = now()
-    FROM picked WHERE j.id = picked.id
-  RETURNING j.id, j.asset_id, j.task, j.attempts;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  -- most claims are background work with no request waiting: skip the request update then
-  IF n > 0 AND EXISTS (SELECT 1 FROM cnai.request_job LIMIT 1) THEN
+  ), claimed AS (
+    UPDATE ONLY cnai.job j
+       SET state = 'running', attempts = j.attempts + 1, worker = p_worker,
+           lease_until = now() + p_lease, started_at = now()
+      FROM picked WHERE j.id = picked.id
+    RETURNING j.id, j.asset_id, j.task, j.attempts, j.priority
+  ), requests AS (
+    -- a request's jobs always have priority 0 (set when it joins them), so background claims skip this
     UPDATE reprocess_request q SET status = 'running'
-      FROM cnai.request_job rj JOIN cnai.job j ON j.id = rj.job_id
-     WHERE q.id = rj.request_id AND q.status = 'pending' AND j.state = 'running' AND j.worker = p_worker;
-  END IF;
+     WHERE q.status = 'pending'
+       AND q.id IN (SELECT rj.request_id FROM cnai.request_job rj
+                     WHERE rj.job_id = ANY (ARRAY(SELECT c.id FROM claimed c WHERE c.priority = 0)))
+  )
+  SELECT c.id, c.asset_id, c.task, c.attempts FROM claimed c ORDER BY c.id;
 END $$;
 
 -- Lock and return the jobs of this list that this worker still holds. Call it first in the transaction that
 -- writes results, so a job whose lease was lost (and re-run elsewhere) is not written twice.
 CREATE OR REPLACE FUNCTION cnai.lock_owned(p_worker text, p_ids bigint[]) RETURNS SETOF bigint
 LANGUAGE sql AS $$
-  SELECT id FROM cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
+  SELECT id FROM ONLY cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
    ORDER BY id FOR UPDATE;
 $$;
 
@@ -65,11 +91,17 @@ CREATE OR REPLACE FUNCTION cnai.complete_jobs(p_worker text, p_ids bigint[]) RET
 LANGUAGE plpgsql AS $$
 DECLARE
   n integer;
+  with_requests bigint[];
 BEGIN
-  UPDATE cnai.job SET state = 'done', finished_at = now(), lease_until = NULL, error = NULL
-   WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  PERFORM cnai.settle_requests(p_ids);
+  WITH done AS (
+    UPDATE ONLY cnai.job SET state = 'done', finished_at = now(), lease_until = NULL, error = NULL
+     WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
+    RETURNING id, priority
+  )
+  SELECT count(*), array_agg(id) FILTER (WHERE priority = 0) INTO n, with_requests FROM done;
+  IF with_requests IS NOT NULL THEN  -- only priority-0 jobs can have requests waiting on them
+    PERFORM cnai.settle_requests(with_requests);
+  END IF;
   RETURN n;
 END $$;
 
@@ -81,18 +113,18 @@ DECLARE
   j cnai.job;
   twin bigint;
 BEGIN
-  SELECT * INTO j FROM cnai.job WHERE id = p_id FOR UPDATE;
+  SELECT * INTO j FROM ONLY cnai.job WHERE id = p_id FOR UPDATE;
   IF NOT FOUND OR j.state <> 'running' THEN
     RETURN;
   END IF;
-  SELECT id INTO twin FROM cnai.job WHERE asset_id = j.asset_id AND task = j.task AND state = 'queued' FOR UPDATE;
+  SELECT id INTO twin FROM ONLY cnai.job WHERE asset_id = j.asset_id AND task = j.task AND state = 'queued' FOR UPDATE;
   IF twin IS NOT NULL THEN
     INSERT INTO cnai.request_job (request_id, job_id)
     SELECT request_id, twin FROM cnai.request_job WHERE job_id = p_id ON CONFLICT DO NOTHING;
-    UPDATE cnai.job SET priority = least(priority, j.priority) WHERE id = twin;
-    DELETE FROM cnai.job WHERE id = p_id;
+    UPDATE ONLY cnai.job SET priority = least(priority, j.priority) WHERE id = twin;
+    DELETE FROM ONLY cnai.job WHERE id = p_id;
   ELSE
-    UPDATE cnai.job
+    UPDATE ONLY cnai.job
        SET state = 'queued', worker = NULL, lease_until = NULL, started_at = NULL,
            run_after = now() + p_delay, error = p_error,
            attempts = CASE WHEN p_refund THEN greatest(attempts - 1, 0) ELSE attempts END
@@ -101,7 +133,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION cnai.fail_job(p_id bigint, p_error text) RETURNS void LANGUAGE sql AS $$
-  UPDATE cnai.job SET state = 'failed', error = p_error, finished_at = now(), lease_until = NULL
+  UPDATE ONLY cnai.job SET state = 'failed', error = p_error, finished_at = now(), lease_until = NULL
    WHERE id = p_id AND state = 'running';
   SELECT cnai.settle_requests(ARRAY[p_id]);
 $$;
@@ -118,7 +150,7 @@ BEGIN
   FOR r IN
     SELECT j.id, j.attempts, j.max_attempts, e.error, e.permanent
       FROM unnest(p_ids, p_errors, p_permanent) AS e(id, error, permanent)
-      JOIN cnai.job j ON j.id = e.id
+      JOIN ONLY cnai.job j ON j.id = e.id
      WHERE j.state = 'running' AND j.worker = p_worker
      ORDER BY j.id
   LOOP
@@ -138,7 +170,7 @@ CREATE OR REPLACE FUNCTION cnai.release_jobs(p_worker text, p_ids bigint[]) RETU
 DECLARE
   jid bigint;
 BEGIN
-  FOR jid IN SELECT id FROM cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker ORDER BY id
+  FOR jid IN SELECT id FROM ONLY cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker ORDER BY id
   LOOP
     PERFORM cnai.requeue_job(jid, '0 seconds', NULL, true);
   END LOOP;
@@ -146,7 +178,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION cnai.renew_leases(p_worker text, p_ids bigint[], p_lease interval) RETURNS SETOF bigint
 LANGUAGE sql AS $$
-  UPDATE cnai.job SET lease_until = now() + p_lease
+  UPDATE ONLY cnai.job SET lease_until = now() + p_lease
    WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
   RETURNING id;
 $$;
@@ -158,7 +190,7 @@ DECLARE
   n integer := 0;
 BEGIN
   FOR r IN
-    SELECT id, attempts, max_attempts, worker FROM cnai.job
+    SELECT id, attempts, max_attempts, worker FROM ONLY cnai.job
      WHERE state = 'running' AND lease_until < now()
      ORDER BY lease_until LIMIT p_limit FOR UPDATE SKIP LOCKED
   LOOP
@@ -178,7 +210,7 @@ CREATE OR REPLACE FUNCTION cnai.prune_jobs(p_older_than interval) RETURNS intege
 DECLARE
   n integer;
 BEGIN
-  DELETE FROM cnai.job WHERE state IN ('done', 'failed') AND finished_at < now() - p_older_than;
+  DELETE FROM ONLY cnai.job WHERE state IN ('done', 'failed') AND finished_at < now() - p_older_than;
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END $$;
@@ -189,12 +221,12 @@ DECLARE
   n integer;
 BEGIN
   WITH f AS (
-    SELECT DISTINCT ON (asset_id, task) id FROM cnai.job j
+    SELECT DISTINCT ON (asset_id, task) id FROM ONLY cnai.job j
      WHERE state = 'failed' AND (p_tasks IS NULL OR task = ANY (p_tasks))
-       AND NOT EXISTS (SELECT 1 FROM cnai.job q WHERE q.asset_id = j.asset_id AND q.task = j.task AND q.state = 'queued')
+       AND NOT EXISTS (SELECT 1 FROM ONLY cnai.job q WHERE q.asset_id = j.asset_id AND q.task = j.task AND q.state = 'queued')
      ORDER BY asset_id, task, id DESC
   )
-  UPDATE cnai.job j SET state = 'queued', attempts = 0, run_after = now(), finished_at = NULL, worker = NULL
+  UPDATE ONLY cnai.job j SET state = 'queued', attempts = 0, error = NULL, run_after = now(), finished_at = NULL, worker = NULL
     FROM f WHERE j.id = f.id;
   GET DIAGNOSTICS n = ROW_COUNT;
   IF n > 0 THEN
