@@ -29,6 +29,16 @@ from .tasks import TaskHandler
 log = logging.getLogger(__name__)
 CHANNEL = "cnai_job"
 
+# Errors that say "the database is away or busy", not "this result is wrong": lost or refused connections, a
+# server shutting down or starting up, too many clients, deadlock/serialization. Worth retrying as they are.
+TRANSIENT_ERRORS = (OSError, asyncio.TimeoutError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                    asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError,
+                    asyncpg.exceptions.TransactionRollbackError)
+
+
+def is_transient(e: BaseException) -> bool:
+    return isinstance(e, TRANSIENT_ERRORS)
+
 
 @dataclass
 class ListenerConfig:
@@ -227,6 +237,24 @@ class Listener:
             self.held.difference_update(j.id for j in jobs)
 
     async def _preview_paths(self, asset_ids: list) -> dict:
+        return await self._retry_transient("reading preview paths", self._preview_paths_once, asset_ids)
+
+    async def _retry_transient(self, what: str, fn, *args, attempts: int = 6):
+        """Run fn, retrying while the database is away (0.2 s doubling to 5 s, about 11 s in all)."""
+        delay = 0.2
+        for attempt in range(attempts):
+            try:
+                return await fn(*args)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                if not is_transient(e) or attempt == attempts - 1:
+                    raise
+                log.warning("%s failed (%s); retrying in %.1f s", what, e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+
+    async def _preview_paths_once(self, asset_ids: list) -> dict:
         async with self.db.acquire() as conn:
             rows = await conn.fetch(
                 """SELECT DISTINCT ON ("assetId") "assetId", path FROM asset_file
@@ -254,53 +282,46 @@ class Listener:
 
     async def _settle(self, jobs: list[Claimed], outcomes: list) -> None:
         try:
-            await self._settle_batch(jobs, outcomes)
+            await self._retry_transient("writing results", self._settle_batch, jobs, outcomes)
         except asyncpg.PostgresError as e:
+            if is_transient(e):
+                log.error("could not write a batch of %d results (%s); the jobs will be re-run after their "
+                          "lease expires", len(jobs), e)
+                return
             if len(jobs) == 1:
                 # the database refused this result (e.g. a constraint): a retryable failure, with the reason
-                await self._settle_batch(jobs, [("error", f"writing the result failed: {e}", False)])
+                await self._retry_transient("writing results", self._settle_batch, jobs,
+                                            [("error", f"writing the result failed: {e}", False)])
             else:  # find the offending result: settle one by one
                 for job, outcome in zip(jobs, outcomes):
                     await self._settle([job], [outcome])
 
     async def _settle_batch(self, jobs: list[Claimed], outcomes: list) -> None:
-        delay = 0.2
-        for attempt in range(6):
-            try:
-                async with self.db.acquire() as conn, conn.transaction():
-                    owned = {r[0] for r in await conn.fetch("SELECT cnai.lock_owned($1, $2)", self.worker,
-                                                            [j.id for j in jobs])}
-                    ok_ids, fail_ids, fail_errors, fail_permanent = [], [], [], []
-                    for job, outcome in zip(jobs, outcomes):
-                        if job.id not in owned:
-                            continue
-                        if outcome[0] == "ok":
-                            await self.handlers[job.task].write(conn, job.asset_id, outcome[1], outcome[2])
-                            ok_ids.append(job.id)
-                        else:
-                            fail_ids.append(job.id)
-                            fail_errors.append(outcome[1])
-                            fail_permanent.append(outcome[2])
-                    if ok_ids:
-                        await conn.execute("SELECT cnai.complete_jobs($1, $2)", self.worker, ok_ids)
-                    if fail_ids:
-                        await conn.execute("SELECT cnai.fail_jobs($1, $2, $3, $4, $5)", self.worker, fail_ids,
-                                           fail_errors, fail_permanent,
-                                           timedelta(seconds=self.config.backoff_base_s))
-                self.processed += len(owned)
-                if len(owned) < len(jobs):
-                    log.warning("%d job(s) of this batch were taken over after a lost lease; not written",
-                                len(jobs) - len(owned))
-                return
-            except asyncio.CancelledError:
-                raise
-            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                    asyncpg.exceptions.AdminShutdownError, asyncpg.exceptions.CannotConnectNowError) as e:
-                log.warning("writing results failed (%s); retrying in %.1f s", e, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5)
-        log.error("could not write a batch of %d results; the jobs will be re-run after their lease expires",
-                  len(jobs))
+        """Results and job states in one transaction, after locking the jobs this worker still holds."""
+        async with self.db.acquire() as conn, conn.transaction():
+            owned = {r[0] for r in await conn.fetch("SELECT cnai.lock_owned($1, $2)", self.worker,
+                                                    [j.id for j in jobs])}
+            ok_ids, fail_ids, fail_errors, fail_permanent = [], [], [], []
+            for job, outcome in zip(jobs, outcomes):
+                if job.id not in owned:
+                    continue
+                if outcome[0] == "ok":
+                    await self.handlers[job.task].write(conn, job.asset_id, outcome[1], outcome[2])
+                    ok_ids.append(job.id)
+                else:
+                    fail_ids.append(job.id)
+                    fail_errors.append(outcome[1])
+                    fail_permanent.append(outcome[2])
+            if ok_ids:
+                await conn.execute("SELECT cnai.complete_jobs($1, $2)", self.worker, ok_ids)
+            if fail_ids:
+                await conn.execute("SELECT cnai.fail_jobs($1, $2, $3, $4, $5)", self.worker, fail_ids,
+                                   fail_errors, fail_permanent, timedelta(seconds=self.config.backoff_base_s))
+        self.processed += len(owned)
+        if len(owned) < len(jobs):
+            # a retry after a commit whose answer was lost lands here too: nothing is written twice
+            log.warning("%d job(s) of this batch were not held any more (lease lost or already settled); "
+                        "not written", len(jobs) - len(owned))
 
     async def _release(self, ids: list[int]) -> None:
         try:
