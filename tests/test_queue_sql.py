@@ -1,0 +1,322 @@
+"""The queue's SQL contract, on a real PostgreSQL: what the triggers enqueue and notify, how requests coalesce and
+follow their jobs, and what the listener's functions (claim, fail, requeue, reap, prune, retry) do."""
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.conftest import make_asset, make_user
+
+TASKS = ["clip", "face", "ocr"]
+LEASE = timedelta(seconds=60)
+UPSERT = """INSERT INTO asset_file ("assetId", type, path) SELECT a, t, '/p/' || a || t
+              FROM unnest($1::uuid[]) a CROSS JOIN unnest($2::text[]) t
+            ON CONFLICT ("assetId", type, "isEdited") DO UPDATE SET path = excluded.path"""
+
+
+async def queued(db, asset=None) -> list[tuple]:
+    """(task, state) of every job (intake included), sorted."""
+    rows = await db.fetch("SELECT task, state FROM cnai.job WHERE $1::uuid IS NULL OR asset_id = $1 ORDER BY 1, 2",
+                          asset)
+    return [(r["task"], r["state"]) for r in rows]
+
+
+async def claim(db, worker="w", tasks=TASKS, limit=100, lease=LEASE):
+    return await db.fetch("SELECT * FROM cnai.claim_jobs($1, $2, $3, $4)", worker, limit, tasks, lease)
+
+
+async def request(db, asset, tasks=None) -> int:
+    return await db.fetchval("INSERT INTO reprocess_request (asset_id, tasks) VALUES ($1, $2) RETURNING id",
+                             asset, tasks)
+
+
+async def request_status(db, req) -> tuple:
+    r = await db.fetchrow("SELECT status, error FROM reprocess_request WHERE id = $1", req)
+    return r["status"], r["error"]
+
+
+async def bare_assets(db, n) -> list:
+    owner = await make_user(db)
+    return [r[0] for r in await db.fetch(
+        """INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+           SELECT $1, '/q/' || g, g || '.jpg', sha256(convert_to(g::text || random()::text, 'UTF8'))
+             FROM generate_series(1, $2) g RETURNING id""", owner, n)]
+
+
+# --- what the asset_file trigger enqueues ----------------------------------------------------------------------
+async def test_preview_insert_enqueues_every_task(db):
+    owner = await make_user(db)
+    asset = await make_asset(db, owner, Path("/photos/a.jpg"))
+    assert await queued(db, asset) == [("clip", "queued"), ("face", "queued"), ("ocr", "queued")]
+    # the intake's rows become jobs proper, still queued, before a claim
+    assert await db.fetchval("SELECT cnai.take_intake()") == 3
+    assert await db.fetchval("SELECT count(*) FROM ONLY cnai.job WHERE asset_id = $1 AND state = 'queued'",
+                             asset) == 3
+    assert await db.fetchval("SELECT count(*) FROM cnai.job_intake") == 0
+
+
+async def test_thumbnail_only_enqueues_nothing(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute(UPSERT, [asset], ["thumbnail", "fullsize"])
+    assert await queued(db, asset) == []
+
+
+async def test_upsert_with_unchanged_path_enqueues_again(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute(UPSERT, [asset], ["preview", "thumbnail"])
+    jobs = await claim(db)
+    assert len(jobs) == 3
+    await db.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
+    assert await queued(db, asset) == [("clip", "done"), ("face", "done"), ("ocr", "done")]
+    await db.execute(UPSERT, [asset], ["preview", "thumbnail"])  # conflict -> DO UPDATE, same path
+    assert [s for s in await queued(db, asset) if s[1] == "queued"] == [("clip", "queued"), ("face", "queued"),
+                                                                       ("ocr", "queued")]
+
+
+async def test_one_notify_per_statement(db, dsn):
+    listener = await asyncpg.connect(dsn)
+    got: list = []
+    await listener.add_listener("cnai_job", lambda *args: got.append(args[3]))
+    try:
+        assets = await bare_assets(db, 53)
+        await db.execute(UPSERT, assets[:50], ["preview", "thumbnail"])  # one 100-row statement
+        await asyncio.sleep(0.3)
+        assert got == ["preview"]
+        for a in assets[50:]:  # three one-asset statements
+            await db.execute(UPSERT, [a], ["preview", "thumbnail"])
+        await asyncio.sleep(0.3)
+        assert len(got) == 4
+        assert await db.fetchval("SELECT count(*) FROM cnai.job") == 53 * 3
+    finally:
+        await listener.close()
+
+
+async def test_duplicate_requests_coalesce(db):
+    owner = await make_user(db)
+    asset = await make_asset(db, owner, Path("/photos/b.jpg"))
+    await db.execute(UPSERT, [asset], ["preview"])  # Immich re-writes the preview before anyone claimed
+    r1 = await request(db, asset)
+    r2 = await request(db, asset, ["ocr", "ocr"])
+    await db.execute("SELECT cnai.take_intake()")
+    rows = await db.fetch("SELECT task, state, priority FROM ONLY cnai.job WHERE asset_id = $1 ORDER BY task", asset)
+    assert [(r["task"], r["state"], r["priority"]) for r in rows] == [
+        ("clip", "queued", 0), ("face", "queued", 0), ("ocr", "queued", 0)]
+    assert await db.fetchval("SELECT tasks FROM reprocess_request WHERE id = $1", r2) == ["ocr"]
+    linked = await db.fetchval("SELECT count(*) FROM cnai.request_job WHERE request_id = ANY($1)", [r1, r2])
+    assert linked == 4  # r1: three tasks, r2: ocr
+    jobs = await claim(db)
+    assert await request_status(db, r1) == ("running", None)
+    await db.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
+    assert await request_status(db, r1) == ("done", None)
+    assert await request_status(db, r2) == ("done", None)
+
+
+async def test_request_while_running_gets_one_queued_twin(db):
+    [asset] = await bare_assets(db, 1)
+    r1 = await request(db, asset, ["ocr"])
+    [j1] = await claim(db, tasks=["ocr"])
+    assert await request_status(db, r1) == ("running", None)
+    r2 = await request(db, asset, ["ocr"])
+    r3 = await request(db, asset, ["ocr"])
+    assert await queued(db, asset) == [("ocr", "queued"), ("ocr", "running")]
+    assert await claim(db, "other", ["ocr"]) == []  # the twin waits for the running job
+    # the running attempt fails (retryable): it merges into the queued twin, and r1 follows it there
+    await db.execute("SELECT cnai.fail_jobs('w', $1, $2, $3)", [j1["id"]], ["boom"], [False])
+    assert await queued(db, asset) == [("ocr", "queued")]
+    twin = await db.fetchval("SELECT id FROM ONLY cnai.job WHERE asset_id = $1", asset)
+    assert sorted(r[0] for r in await db.fetch("SELECT request_id FROM cnai.request_job WHERE job_id = $1",
+                                                twin)) == sorted([r1, r2, r3])
+    [j2] = await claim(db, tasks=["ocr"])
+    assert j2["id"] == twin
+    await db.execute("SELECT cnai.complete_jobs('w', $1)", [twin])
+    for r in (r1, r2, r3):
+        assert await request_status(db, r) == ("done", None)
+
+
+async def test_request_for_running_job_completes_separately(db):
+    [asset] = await bare_assets(db, 1)
+    r1 = await request(db, asset, ["face"])
+    [j1] = await claim(db, tasks=["face"])
+    r2 = await request(db, asset, ["face"])
+    await db.execute("SELECT cnai.complete_jobs('w', $1)", [j1["id"]])
+    assert await request_status(db, r1) == ("done", None)
+    assert await request_status(db, r2) == ("pending", None)  # it asked for a run after the one it saw
+    [j2] = await claim(db, tasks=["face"])
+    assert await request_status(db, r2) == ("running", None)
+    await db.execute("SELECT cnai.fail_jobs('w', $1, $2, $3)", [j2["id"]], ["model missing"], [True])
+    status, error = await request_status(db, r2)
+    assert status == "failed" and "face: model missing" in error
+
+
+async def test_unknown_asset_or_task_is_refused_clearly(db):
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="does not exist"):
+        await request(db, uuid.uuid4())
+    [asset] = await bare_assets(db, 1)
+    with pytest.raises(asyncpg.CheckViolationError, match="unknown task 'bogus'"):
+        await request(db, asset, ["ocr", "bogus"])
+    assert await db.fetchval("SELECT count(*) FROM reprocess_request") == 0
+
+
+async def test_trigger_never_raises_into_immich(db):
+    [a1, a2] = await bare_assets(db, 2)
+    tx = db.transaction()
+    await tx.start()
+    try:
+        # the intake refuses rows: the write goes through, the failure is recorded as failed jobs with the reason
+        await db.execute("ALTER TABLE cnai.job_intake ADD CONSTRAINT chaos_refuse CHECK (false) NOT VALID")
+        await db.execute(UPSERT, [a1], ["preview", "thumbnail"])
+        assert await db.fetchval('SELECT count(*) FROM asset_file WHERE "assetId" = $1', a1) == 2
+        rows = await db.fetch("SELECT task, state, error FROM cnai.job WHERE asset_id = $1 ORDER BY task", a1)
+        assert [(r["task"], r["state"]) for r in rows] == [("clip", "failed"), ("face", "failed"), ("ocr", "failed")]
+        assert all("enqueue failed in trigger on asset_file" in r["error"] and "chaos_refuse" in r["error"]
+                   for r in rows)
+        # even recording the failure fails (every job row refused): still only a warning, the write stands
+        await db.execute("ALTER TABLE cnai.job ADD CONSTRAINT chaos_refuse_all CHECK (false) NOT VALID")
+        await db.execute(UPSERT, [a2], ["preview"])
+        assert await db.fetchval('SELECT count(*) FROM asset_file WHERE "assetId" = $1', a2) == 1
+        assert await queued(db, a2) == []
+    finally:
+        await tx.rollback()  # the constraints go again
+    await db.execute(UPSERT, [a1], ["preview"])
+    assert await queued(db, a1) == [("clip", "queued"), ("face", "queued"), ("ocr", "queued")]
+
+
+# --- the listener's functions ----------------------------------------------------------------------------------
+async def test_retries_back_off_then_fail_with_reason(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task, max_attempts) VALUES ($1, 'ocr', 3)", asset)
+    delays = []
+    for attempt in range(1, 4):
+        await db.execute("UPDATE ONLY cnai.job SET run_after = now() WHERE state = 'queued'")  # skip the wait
+        [job] = await claim(db, tasks=["ocr"])
+        assert job["attempts"] == attempt
+        await db.execute("SELECT cnai.fail_jobs('w', $1, $2, $3, $4)", [job["id"]], [f"timeout {attempt}"],
+                         [False], timedelta(seconds=10))
+        row = await db.fetchrow("SELECT state, error, extract(epoch FROM run_after - now()) AS wait "
+                                "FROM ONLY cnai.job WHERE id = $1", job["id"])
+        if attempt < 3:
+            assert row["state"] == "queued" and row["error"] == f"timeout {attempt}"
+            delays.append(row["wait"])
+            assert await claim(db, tasks=["ocr"]) == []  # not before its backoff
+        else:
+            assert row["state"] == "failed"
+            assert row["error"] == "timeout 3 (gave up after 3 attempts)"
+    assert delays[0] == pytest.approx(10, abs=1) and delays[1] == pytest.approx(20, abs=1)
+
+
+async def test_reaper_requeues_expired_leases_then_fails(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task, max_attempts) VALUES ($1, 'clip', 2)", asset)
+    [job] = await claim(db, "dead-1", ["clip"], lease=timedelta(milliseconds=1))
+    await asyncio.sleep(0.05)
+    assert await db.fetchval("SELECT cnai.reap_expired()") == 1
+    row = await db.fetchrow("SELECT state, attempts, error, worker FROM ONLY cnai.job WHERE id = $1", job["id"])
+    assert (row["state"], row["attempts"], row["worker"]) == ("queued", 1, None)
+    assert "lease expired" in row["error"] and "dead-1" in row["error"]
+    await claim(db, "dead-2", ["clip"], lease=timedelta(milliseconds=1))
+    await asyncio.sleep(0.05)
+    assert await db.fetchval("SELECT cnai.reap_expired()") == 1
+    row = await db.fetchrow("SELECT state, error FROM ONLY cnai.job WHERE id = $1", job["id"])
+    assert row["state"] == "failed" and "dead-2 stopped while holding it" in row["error"]
+    # a live lease is left alone
+    [other] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'clip')", other)
+    await claim(db, "alive", ["clip"])
+    assert await db.fetchval("SELECT cnai.reap_expired()") == 0
+
+
+async def test_lost_lease_is_not_written_twice(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)
+    [job] = await claim(db, "slow", ["ocr"], lease=timedelta(milliseconds=1))
+    await asyncio.sleep(0.05)
+    await db.execute("SELECT cnai.reap_expired()")
+    [again] = await claim(db, "fast", ["ocr"])
+    assert again["id"] == job["id"] and again["attempts"] == 2
+    assert await db.fetch("SELECT cnai.lock_owned('slow', $1)", [job["id"]]) == []
+    assert await db.fetchval("SELECT cnai.complete_jobs('slow', $1)", [job["id"]]) == 0
+    assert await db.fetchval("SELECT cnai.complete_jobs('fast', $1)", [job["id"]]) == 1
+
+
+async def test_release_hands_back_without_spending_an_attempt(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)
+    [job] = await claim(db, "stopping", ["ocr"])
+    await db.execute("SELECT cnai.release_jobs('stopping', $1)", [job["id"]])
+    row = await db.fetchrow("SELECT state, attempts, worker FROM ONLY cnai.job WHERE id = $1", job["id"])
+    assert (row["state"], row["attempts"], row["worker"]) == ("queued", 0, None)
+
+
+async def test_prune_removes_old_finished_jobs_only(db):
+    assets = await bare_assets(db, 4)
+    await db.executemany(
+        "INSERT INTO cnai.job (asset_id, task, state, finished_at, error) VALUES ($1, 'ocr', $2, $3, $4)",
+        [(assets[0], "done", None, None), (assets[1], "failed", None, "x"), (assets[2], "done", None, None),
+         (assets[3], "queued", None, None)])
+    await db.execute("UPDATE ONLY cnai.job SET finished_at = now() - interval '8 days' "
+                     "WHERE asset_id = ANY($1)", assets[:2])
+    await db.execute("UPDATE ONLY cnai.job SET finished_at = now() WHERE asset_id = $1", assets[2])
+    assert await db.fetchval("SELECT cnai.prune_jobs('7 days')") == 2
+    assert sorted(r[0] for r in await db.fetch("SELECT state FROM cnai.job")) == ["done", "queued"]
+
+
+async def test_retry_failed_requeues_with_a_fresh_budget(db):
+    assets = await bare_assets(db, 3)
+    for a, task in ((assets[0], "ocr"), (assets[1], "clip"), (assets[2], "ocr")):
+        await db.execute("INSERT INTO cnai.job (asset_id, task, state, attempts, error, finished_at) "
+                         "VALUES ($1, $2, 'failed', 5, 'model missing', now())", a, task)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", assets[2])  # already queued again
+    assert await db.fetchval("SELECT cnai.retry_failed($1)", ["ocr"]) == 1
+    rows = {(r["asset_id"], r["task"], r["state"]): r for r in await db.fetch("SELECT * FROM cnai.job")}
+    assert rows[(assets[0], "ocr", "queued")]["attempts"] == 0
+    assert (assets[1], "clip", "failed") in rows
+    assert (assets[2], "ocr", "failed") in rows  # its queued twin already covers it
+    assert await db.fetchval("SELECT cnai.retry_failed()") == 1
+    assert await db.fetchval("SELECT count(*) FROM ONLY cnai.job WHERE state = 'queued'") == 3
+
+
+async def test_intake_of_deleted_assets_is_dropped(db):
+    [keep, gone] = await bare_assets(db, 2)
+    await db.execute(UPSERT, [keep, gone], ["preview"])
+    await db.execute("DELETE FROM asset WHERE id = $1", gone)
+    assert await db.fetchval("SELECT cnai.take_intake()") == 6
+    assert await db.fetchval("SELECT count(DISTINCT asset_id) FROM cnai.job") == 1
+    assert {j["asset_id"] for j in await claim(db)} == {keep}
+
+
+# --- the CLI over it -------------------------------------------------------------------------------------------
+async def cnai(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cnai", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
+
+
+async def test_cli_status_and_retry(db, dsn):
+    assets = await bare_assets(db, 3)
+    await db.execute(UPSERT, assets[:1], ["preview"])  # three queued (in the intake)
+    for a, task, error in ((assets[1], "ocr", "preview file not found: /x.jpg"),
+                           (assets[2], "ocr", "preview file not found: /x.jpg"),
+                           (assets[2], "face", "face model missing: put buffalo_l in models/face")):
+        await db.execute("INSERT INTO cnai.job (asset_id, task, state, attempts, error, finished_at, created_at) "
+                         "VALUES ($1, $2, 'failed', 1, $3, now(), now() - interval '2 hours')", a, task, error)
+    out = await cnai("status", "--dsn", dsn)
+    table = out.split("oldest queued:")[0]
+    lines = {ln.split()[0]: ln.split()[1:] for ln in table.splitlines()[2:] if ln.strip()}
+    assert lines["ocr"] == ["1", "0", "0", "2"] and lines["face"] == ["1", "0", "0", "1"]
+    assert lines["all"] == ["3", "0", "0", "3"]
+    assert "oldest queued:" in out and "s ago" in out
+    assert "     2  ocr   preview file not found: /x.jpg" in out
+    assert "face model missing" in out
+    out = await cnai("retry", "--failed", "--task", "ocr", "--dsn", dsn)
+    assert "re-queued 2 failed job(s) (ocr)" in out
+    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'failed'") == 1
+    out = await cnai("retry", "--failed", "--dsn", dsn)
+    assert "re-queued 1 failed job(s)" in out
