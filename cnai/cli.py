@@ -245,32 +245,56 @@ async def _text_embedding(settings, text: str) -> str | None:
         await pool.close()
 
 
+def _age(seconds: float | None) -> str:
+    if seconds is None:
+        return "none"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
 async def cmd_status(args, settings):
     import asyncpg
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch("SELECT task, state, count(*) AS n FROM cnai.job GROUP BY 1, 2 ORDER BY 1, 2")
-        oldest = await conn.fetchval("SELECT extract(epoch FROM now() - min(created_at)) FROM cnai.job "
-                                     "WHERE state = 'queued'")
-        failed = await conn.fetch("SELECT task, asset_id, error, finished_at FROM cnai.job WHERE state = 'failed' "
-                                  "ORDER BY finished_at DESC LIMIT $1", args.failed_limit)
+        # cnai.job includes the trigger's intake (queued rows not yet coalesced)
+        rows = await conn.fetch("SELECT task, state, count(*) AS n FROM cnai.job GROUP BY 1, 2")
+        oldest = await conn.fetchrow(
+            "SELECT task, extract(epoch FROM now() - created_at) AS age FROM cnai.job WHERE state = 'queued' "
+            "ORDER BY created_at LIMIT 1")
+        expired = await conn.fetchval("SELECT count(*) FROM ONLY cnai.job WHERE state = 'running' "
+                                      "AND lease_until < now()")
+        reasons = await conn.fetch(
+            "SELECT task, error, count(*) AS n, max(finished_at) AS last FROM ONLY cnai.job WHERE state = 'failed' "
+            "GROUP BY 1, 2 ORDER BY n DESC, last DESC LIMIT $1", args.failed_limit)
+        failed = await conn.fetch(
+            "SELECT task, asset_id, attempts, error, finished_at FROM ONLY cnai.job WHERE state = 'failed' "
+            "ORDER BY finished_at DESC NULLS LAST LIMIT $1", args.failed_limit)
         results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
                                       "(SELECT count(*) FROM cnai.clip) AS clip, "
                                       "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
     finally:
         await conn.close()
-    print("jobs (task / state / count):")
-    for r in rows:
-        print(f"  {r['task']:5s} {r['state']:8s} {r['n']}")
-    if not rows:
-        print("  none")
-    print(f"oldest queued: {oldest:.0f} s ago" if oldest is not None else "oldest queued: none")
+    states = ("queued", "running", "done", "failed")
+    counts = {(r["task"], r["state"]): r["n"] for r in rows}
+    print("jobs:")
+    print(f"  {'task':6s}" + "".join(f"{s:>10s}" for s in states))
+    for task in TASKS:
+        print(f"  {task:6s}" + "".join(f"{counts.get((task, s), 0):>10d}" for s in states))
+    print(f"  {'all':6s}" + "".join(f"{sum(counts.get((t, s), 0) for t in TASKS):>10d}" for s in states))
+    print("oldest queued: " + (f"{_age(oldest['age'])} ({oldest['task']})" if oldest else "none"))
+    if expired:
+        print(f"running with an expired lease: {expired} (a listener stopped; any listener's reaper re-queues them)")
     print(f"results: ocr {results['ocr']}, clip {results['clip']}, face (assets) {results['face']}")
-    if failed:
+    if reasons:
+        print("failed, by reason (`cnai retry --failed [--task T]` re-queues them):")
+        for r in reasons:
+            print(f"  {r['n']:>6d}  {r['task']:5s} {r['error'] or '(no reason recorded)'}")
         print("recent failures:")
         for r in failed:
-            print(f"  {r['task']:5s} {r['asset_id']}  {r['error']}")
+            print(f"  {r['task']:5s} {r['asset_id']}  after {r['attempts']} attempt(s): {r['error']}")
 
 
 async def cmd_retry(args, settings):
@@ -283,7 +307,8 @@ async def cmd_retry(args, settings):
         n = await conn.fetchval("SELECT cnai.retry_failed($1)", args.task or None)
     finally:
         await conn.close()
-    print(f"re-queued {n} failed job(s)")
+    scope = f" ({', '.join(args.task)})" if args.task else ""
+    print(f"re-queued {n} failed job(s){scope} with a fresh attempt budget")
 
 
 async def cmd_doctor(args, settings):
