@@ -107,10 +107,10 @@ CREATE TRIGGER cnai_enqueue_reprocess_requests AFTER INSERT ON reprocess_request
 -- The trigger's landing place: rows appended here are already part of cnai.job (an inheritance child, so
 -- `SELECT ... FROM cnai.job` sees them as queued), but the table has no index, no foreign key and no unique
 -- constraint, so Immich's statement pays for a few heap rows only (bench/trigger_cost.py). Listeners move these
--- rows into cnai.job proper, where they coalesce, before every claim (cnai.take_intake); until then the same
--- (asset, task) may appear here more than once.
+-- rows into cnai.job proper, where they coalesce and get their id, before every claim (cnai.take_intake); until
+-- then their id is 0 and the same (asset, task) may appear here more than once.
 CREATE TABLE IF NOT EXISTS cnai.job_intake () INHERITS (cnai.job);
-ALTER TABLE cnai.job_intake ALTER COLUMN id SET DEFAULT nextval(pg_get_serial_sequence('cnai.job', 'id'));
+ALTER TABLE cnai.job_intake ALTER COLUMN id SET DEFAULT 0;  -- a sequence draw per row costs Immich's statement
 
 -- Immich writes a preview row (INSERT ... ON CONFLICT DO UPDATE, path possibly unchanged) once it has rendered
 -- the preview JPEG; that is when our work can start. One statement-level trigger per event: one INSERT into the
@@ -125,7 +125,7 @@ BEGIN
   BEGIN
     INSERT INTO cnai.job_intake (asset_id, task)
     SELECT f."assetId", t.task
-      FROM new_rows f CROSS JOIN (VALUES ('clip'), ('face'), ('ocr')) AS t(task)
+      FROM new_rows f CROSS JOIN (VALUES ('clip'), ('face'), ('ocr')) AS t(task)  -- cnai.all_tasks()
      WHERE f.type::text = 'preview';
     PERFORM pg_notify('cnai_job', 'preview');
   EXCEPTION WHEN OTHERS THEN

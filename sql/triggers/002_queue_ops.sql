@@ -32,14 +32,14 @@ BEGIN
   WITH moved AS (
     DELETE FROM cnai.job_intake i
      WHERE i.ctid = ANY (ARRAY(SELECT x.ctid FROM cnai.job_intake x LIMIT p_limit FOR UPDATE SKIP LOCKED))
-    RETURNING i.id, i.asset_id, i.task, i.priority, i.created_at
+    RETURNING i.asset_id, i.task, i.priority, i.created_at
   ), queued AS (
-    INSERT INTO cnai.job (id, asset_id, task, priority, created_at)
-    SELECT min(m.id), m.asset_id, m.task, min(m.priority), min(m.created_at)
+    INSERT INTO cnai.job (asset_id, task, priority, created_at)
+    SELECT m.asset_id, m.task, min(m.priority), min(m.created_at)
       FROM moved m
      WHERE EXISTS (SELECT FROM asset a WHERE a.id = m.asset_id)
      GROUP BY m.asset_id, m.task
-     ORDER BY min(m.id)
+     ORDER BY min(m.created_at), m.asset_id, m.task
     ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING
   )
   SELECT count(*) INTO n FROM moved;
