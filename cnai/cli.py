@@ -277,13 +277,12 @@ async def cmd_status(args, settings):
                                       "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
     finally:
         await conn.close()
-    states = ("queued", "running", "done", "failed")
-    counts = {(r["task"], r["state"]): r["n"] for r in rows}
-    print("jobs:")
-    print(f"  {'task':6s}" + "".join(f"{s:>10s}" for s in states))
-    for task in TASKS:
-        print(f"  {task:6s}" + "".join(f"{counts.get((task, s), 0):>10d}" for s in states))
-    print(f"  {'all':6s}" + "".join(f"{sum(counts.get((t, s), 0) for t in TASKS):>10d}" for s in states))
+    order = {s: i for i, s in enumerate(("queued", "running", "done", "failed"))}
+    print("jobs (task / state / count):")
+    for r in sorted(rows, key=lambda r: (r["task"], order.get(r["state"], 9))):
+        print(f"  {r['task']:5s} {r['state']:8s} {r['n']}")
+    if not rows:
+        print("  none")
     print("oldest queued: " + (f"{_age(oldest['age'])} ({oldest['task']})" if oldest else "none"))
     if expired:
         print(f"running with an expired lease: {expired} (a listener stopped; any listener's reaper re-queues them)")
