@@ -117,7 +117,7 @@ async def latency(dsn: str, samples: int) -> dict:
     listen = await asyncpg.connect(dsn)
     worker = await asyncpg.connect(dsn)
     writer = await asyncpg.connect(dsn)
-    await writer.execute("TRUNCATE cnai.job CASCADE; DELETE FROM asset_file")
+    await writer.execute("TRUNCATE cnai.job, cnai.job_intake CASCADE; DELETE FROM asset_file")
     assets = [r[0] for r in await writer.fetch("SELECT id FROM asset ORDER BY id LIMIT $1", samples)]
     wake = asyncio.Event()
     await listen.add_listener("cnai_job", lambda *_: wake.set())

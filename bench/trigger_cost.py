@@ -110,9 +110,9 @@ async def main(args) -> None:
             warm = await make_assets(conn, 1000)
             await compare(conn, warm[:500], warm[500:], 1)  # plans, caches
             single_with, single_without = await make_assets(conn, n), await make_assets(conn, n)
-            jobs_before = await conn.fetchval("SELECT count(*) FROM cnai.job")
+            jobs_before = await conn.fetchval("SELECT sum(queued) FROM cnai.queue_depth()")
             single = await compare(conn, single_with, single_without, 1)
-            jobs_single = await conn.fetchval("SELECT count(*) FROM cnai.job") - jobs_before
+            jobs_single = await conn.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") - jobs_before
             multi_with, multi_without = await make_assets(conn, n), await make_assets(conn, n)
             multi = await compare(conn, multi_with, multi_without, 50)
             # Immich regenerating previews: the same rows again (conflict -> update, path unchanged)

@@ -259,18 +259,20 @@ async def cmd_status(args, settings):
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
-        # cnai.job includes the trigger's intake (queued rows not yet coalesced)
-        rows = await conn.fetch("SELECT task, state, count(*) AS n FROM cnai.job GROUP BY 1, 2")
+        # queued counts include the trigger's intake (previews not yet turned into jobs by a listener)
+        rows = await conn.fetch(
+            "SELECT task, state, count(*) AS n FROM cnai.job WHERE state <> 'queued' GROUP BY 1, 2 "
+            "UNION ALL SELECT task, 'queued', queued FROM cnai.queue_depth() WHERE queued > 0")
         oldest = await conn.fetchrow(
-            "SELECT task, extract(epoch FROM now() - created_at) AS age FROM cnai.job WHERE state = 'queued' "
-            "ORDER BY created_at LIMIT 1")
-        expired = await conn.fetchval("SELECT count(*) FROM ONLY cnai.job WHERE state = 'running' "
+            "SELECT task, extract(epoch FROM now() - oldest) AS age FROM cnai.queue_depth() "
+            "WHERE oldest IS NOT NULL ORDER BY oldest, task LIMIT 1")
+        expired = await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running' "
                                       "AND lease_until < now()")
         reasons = await conn.fetch(
-            "SELECT task, error, count(*) AS n, max(finished_at) AS last FROM ONLY cnai.job WHERE state = 'failed' "
+            "SELECT task, error, count(*) AS n, max(finished_at) AS last FROM cnai.job WHERE state = 'failed' "
             "GROUP BY 1, 2 ORDER BY n DESC, last DESC LIMIT $1", args.failed_limit)
         failed = await conn.fetch(
-            "SELECT task, asset_id, attempts, error, finished_at FROM ONLY cnai.job WHERE state = 'failed' "
+            "SELECT task, asset_id, attempts, error, finished_at FROM cnai.job WHERE state = 'failed' "
             "ORDER BY finished_at DESC NULLS LAST LIMIT $1", args.failed_limit)
         results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
                                       "(SELECT count(*) FROM cnai.clip) AS clip, "

@@ -60,7 +60,7 @@ def dsn(pg_server) -> str:
 @pytest_asyncio.fixture
 async def db(dsn):
     conn = await asyncpg.connect(dsn)
-    await conn.execute('TRUNCATE "user", asset, reprocess_request, cnai.job CASCADE')
+    await conn.execute('TRUNCATE "user", asset, reprocess_request, cnai.job, cnai.job_intake CASCADE')
     yield conn
     await conn.close()
 

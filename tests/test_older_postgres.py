@@ -56,7 +56,7 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
         await old_conn.execute((root / name).read_text())
     asset = await old_conn.fetchval("INSERT INTO asset DEFAULT VALUES RETURNING id")
     await old_conn.execute("""INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', '/p.jpg')""", asset)
-    assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") == 3
+    assert await old_conn.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") == 3
     jobs = await old_conn.fetch("SELECT * FROM cnai.claim_jobs('w', 10, '{clip,ocr,face}', '1 minute')")
     assert len(jobs) == 3
     await old_conn.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])

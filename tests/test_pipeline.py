@@ -147,7 +147,7 @@ async def test_listener_started_after_jobs_were_queued(db, dsn, ocr_pool, photo_
     assets = [await make_asset(db, owner, save(render_text([f"第{i}张 照片"]), photo_dir / f"{i}.jpg"))
               for i in range(3)]
     # no listener was connected: these NOTIFYs went nowhere
-    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE task = 'ocr' AND state = 'queued'") == 3
+    assert await db.fetchval("SELECT queued FROM cnai.queue_depth() WHERE task = 'ocr'") == 3
     async with running_listener(dsn, ocr_pool, poll_interval_s=30):  # catch-up on connect, not the poll
         await wait_for(lambda: db.fetchval("SELECT count(*) = 3 FROM cnai.ocr"), timeout=60)
     assert set(await search(db, "ocr:照片")) == set(assets)

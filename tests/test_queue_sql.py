@@ -21,7 +21,8 @@ UPSERT = """INSERT INTO asset_file ("assetId", type, path) SELECT a, t, '/p/' ||
 
 
 async def queued(db, asset=None) -> list[tuple]:
-    """(task, state) of every job (intake included), sorted."""
+    """(task, state) of every job, sorted, after the intake was taken (as a listener does before claiming)."""
+    await db.execute("SELECT cnai.take_intake()")
     rows = await db.fetch("SELECT task, state FROM cnai.job WHERE $1::uuid IS NULL OR asset_id = $1 ORDER BY 1, 2",
                           asset)
     return [(r["task"], r["state"]) for r in rows]
@@ -53,11 +54,14 @@ async def bare_assets(db, n) -> list:
 async def test_preview_insert_enqueues_every_task(db):
     owner = await make_user(db)
     asset = await make_asset(db, owner, Path("/photos/a.jpg"))
+    # Immich's statement only appended one narrow intake row; cnai.queue_depth() already counts it
+    assert await db.fetchval("SELECT count(*) FROM cnai.job_intake WHERE asset_id = $1", asset) == 1
+    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE asset_id = $1", asset) == 0
+    depth = {r["task"]: r["queued"] for r in await db.fetch("SELECT * FROM cnai.queue_depth()")}
+    assert depth == {"clip": 1, "face": 1, "ocr": 1}
+    # a listener turns it into one queued job per task before claiming
+    assert await db.fetchval("SELECT cnai.take_intake()") == 1
     assert await queued(db, asset) == [("clip", "queued"), ("face", "queued"), ("ocr", "queued")]
-    # the intake's rows become jobs proper, still queued, before a claim
-    assert await db.fetchval("SELECT cnai.take_intake()") == 3
-    assert await db.fetchval("SELECT count(*) FROM ONLY cnai.job WHERE asset_id = $1 AND state = 'queued'",
-                             asset) == 3
     assert await db.fetchval("SELECT count(*) FROM cnai.job_intake") == 0
 
 
@@ -92,7 +96,7 @@ async def test_one_notify_per_statement(db, dsn):
             await db.execute(UPSERT, [a], ["preview", "thumbnail"])
         await asyncio.sleep(0.3)
         assert len(got) == 4
-        assert await db.fetchval("SELECT count(*) FROM cnai.job") == 53 * 3
+        assert await db.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") == 53 * 3
     finally:
         await listener.close()
 
@@ -104,7 +108,7 @@ async def test_duplicate_requests_coalesce(db):
     r1 = await request(db, asset)
     r2 = await request(db, asset, ["ocr", "ocr"])
     await db.execute("SELECT cnai.take_intake()")
-    rows = await db.fetch("SELECT task, state, priority FROM ONLY cnai.job WHERE asset_id = $1 ORDER BY task", asset)
+    rows = await db.fetch("SELECT task, state, priority FROM cnai.job WHERE asset_id = $1 ORDER BY task", asset)
     assert [(r["task"], r["state"], r["priority"]) for r in rows] == [
         ("clip", "queued", 0), ("face", "queued", 0), ("ocr", "queued", 0)]
     assert await db.fetchval("SELECT tasks FROM reprocess_request WHERE id = $1", r2) == ["ocr"]
@@ -129,7 +133,7 @@ async def test_request_while_running_gets_one_queued_twin(db):
     # the running attempt fails (retryable): it merges into the queued twin, and r1 follows it there
     await db.execute("SELECT cnai.fail_jobs('w', $1, $2, $3)", [j1["id"]], ["boom"], [False])
     assert await queued(db, asset) == [("ocr", "queued")]
-    twin = await db.fetchval("SELECT id FROM ONLY cnai.job WHERE asset_id = $1", asset)
+    twin = await db.fetchval("SELECT id FROM cnai.job WHERE asset_id = $1", asset)
     assert sorted(r[0] for r in await db.fetch("SELECT request_id FROM cnai.request_job WHERE job_id = $1",
                                                 twin)) == sorted([r1, r2, r3])
     [j2] = await claim(db, tasks=["ocr"])
@@ -199,7 +203,7 @@ async def test_retries_back_off_then_fail_with_reason(db):
         await db.execute("SELECT cnai.fail_jobs('w', $1, $2, $3, $4)", [job["id"]], [f"timeout {attempt}"],
                          [False], timedelta(seconds=10))
         row = await db.fetchrow("SELECT state, error, extract(epoch FROM run_after - now()) AS wait "
-                                "FROM ONLY cnai.job WHERE id = $1", job["id"])
+                                "FROM cnai.job WHERE id = $1", job["id"])
         if attempt < 3:
             assert row["state"] == "queued" and row["error"] == f"timeout {attempt}"
             delays.append(row["wait"])
@@ -216,13 +220,13 @@ async def test_reaper_requeues_expired_leases_then_fails(db):
     [job] = await claim(db, "dead-1", ["clip"], lease=timedelta(milliseconds=1))
     await asyncio.sleep(0.05)
     assert await db.fetchval("SELECT cnai.reap_expired()") == 1
-    row = await db.fetchrow("SELECT state, attempts, error, worker FROM ONLY cnai.job WHERE id = $1", job["id"])
+    row = await db.fetchrow("SELECT state, attempts, error, worker FROM cnai.job WHERE id = $1", job["id"])
     assert (row["state"], row["attempts"], row["worker"]) == ("queued", 1, None)
     assert "lease expired" in row["error"] and "dead-1" in row["error"]
     await claim(db, "dead-2", ["clip"], lease=timedelta(milliseconds=1))
     await asyncio.sleep(0.05)
     assert await db.fetchval("SELECT cnai.reap_expired()") == 1
-    row = await db.fetchrow("SELECT state, error FROM ONLY cnai.job WHERE id = $1", job["id"])
+    row = await db.fetchrow("SELECT state, error FROM cnai.job WHERE id = $1", job["id"])
     assert row["state"] == "failed" and "dead-2 stopped while holding it" in row["error"]
     # a live lease is left alone
     [other] = await bare_assets(db, 1)
@@ -249,7 +253,7 @@ async def test_release_hands_back_without_spending_an_attempt(db):
     await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)
     [job] = await claim(db, "stopping", ["ocr"])
     await db.execute("SELECT cnai.release_jobs('stopping', $1)", [job["id"]])
-    row = await db.fetchrow("SELECT state, attempts, worker FROM ONLY cnai.job WHERE id = $1", job["id"])
+    row = await db.fetchrow("SELECT state, attempts, worker FROM cnai.job WHERE id = $1", job["id"])
     assert (row["state"], row["attempts"], row["worker"]) == ("queued", 0, None)
 
 
@@ -278,14 +282,14 @@ async def test_retry_failed_requeues_with_a_fresh_budget(db):
     assert (assets[1], "clip", "failed") in rows
     assert (assets[2], "ocr", "failed") in rows  # its queued twin already covers it
     assert await db.fetchval("SELECT cnai.retry_failed()") == 1
-    assert await db.fetchval("SELECT count(*) FROM ONLY cnai.job WHERE state = 'queued'") == 3
+    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") == 3
 
 
 async def test_intake_of_deleted_assets_is_dropped(db):
     [keep, gone] = await bare_assets(db, 2)
     await db.execute(UPSERT, [keep, gone], ["preview"])
     await db.execute("DELETE FROM asset WHERE id = $1", gone)
-    assert await db.fetchval("SELECT cnai.take_intake()") == 6
+    assert await db.fetchval("SELECT cnai.take_intake()") == 2
     assert await db.fetchval("SELECT count(DISTINCT asset_id) FROM cnai.job") == 1
     assert {j["asset_id"] for j in await claim(db)} == {keep}
 

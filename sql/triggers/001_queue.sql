@@ -104,13 +104,15 @@ DROP TRIGGER IF EXISTS cnai_enqueue_reprocess_requests ON reprocess_request;
 CREATE TRIGGER cnai_enqueue_reprocess_requests AFTER INSERT ON reprocess_request
   REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cnai.enqueue_reprocess_requests();
 
--- The trigger's landing place: rows appended here are already part of cnai.job (an inheritance child, so
--- `SELECT ... FROM cnai.job` sees them as queued), but the table has no index, no foreign key and no unique
--- constraint, so Immich's statement pays for a few heap rows only (bench/trigger_cost.py). Listeners move these
--- rows into cnai.job proper, where they coalesce and get their id, before every claim (cnai.take_intake); until
--- then their id is 0 and the same (asset, task) may appear here more than once.
-CREATE TABLE IF NOT EXISTS cnai.job_intake () INHERITS (cnai.job);
-ALTER TABLE cnai.job_intake ALTER COLUMN id SET DEFAULT 0;  -- a sequence draw per row costs Immich's statement
+-- The asset_file trigger's landing place: one narrow row per preview written (every task is implied), with no
+-- index, foreign key or sequence, so Immich's statement pays for a heap row and nothing more
+-- (bench/trigger_cost.py). It is not part of cnai.job: listeners move its rows into cnai.job before every claim
+-- (cnai.take_intake), where they become one queued job per (asset, task) and coalesce with what is queued.
+-- `cnai status` and cnai.queue_depth() count what waits here.
+CREATE TABLE IF NOT EXISTS cnai.job_intake (
+  asset_id uuid NOT NULL,
+  queued_at timestamptz NOT NULL DEFAULT now()
+);
 
 -- Immich writes a preview row (INSERT ... ON CONFLICT DO UPDATE, path possibly unchanged) once it has rendered
 -- the preview JPEG; that is when our work can start. One statement-level trigger per event: one INSERT into the
@@ -123,10 +125,8 @@ BEGIN
     RETURN NULL;
   END IF;
   BEGIN
-    INSERT INTO cnai.job_intake (asset_id, task)
-    SELECT f."assetId", t.task
-      FROM new_rows f CROSS JOIN (VALUES ('clip'), ('face'), ('ocr')) AS t(task)  -- cnai.all_tasks()
-     WHERE f.type::text = 'preview';
+    INSERT INTO cnai.job_intake (asset_id)
+    SELECT f."assetId" FROM new_rows f WHERE f.type::text = 'preview';
     PERFORM pg_notify('cnai_job', 'preview');
   EXCEPTION WHEN OTHERS THEN
     DECLARE

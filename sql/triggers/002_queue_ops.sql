@@ -11,7 +11,7 @@ CREATE OR REPLACE FUNCTION cnai.settle_requests(p_job_ids bigint[]) RETURNS void
            bool_or(j.state = 'failed') AS any_failed,
            string_agg(j.task || ': ' || coalesce(j.error, 'failed'), '; ' ORDER BY j.task)
              FILTER (WHERE j.state = 'failed') AS errors
-      FROM reqs r JOIN cnai.request_job rj USING (request_id) JOIN ONLY cnai.job j ON j.id = rj.job_id
+      FROM reqs r JOIN cnai.request_job rj USING (request_id) JOIN cnai.job j ON j.id = rj.job_id
      GROUP BY r.request_id
   )
   UPDATE reprocess_request q
@@ -23,8 +23,9 @@ CREATE OR REPLACE FUNCTION cnai.settle_requests(p_job_ids bigint[]) RETURNS void
    WHERE q.id = a.request_id AND q.status NOT IN ('done', 'failed');
 $$;
 
--- Move what the asset_file trigger appended to cnai.job_intake into cnai.job proper, where it coalesces with
--- what is already queued (rows of assets deleted since are dropped). Concurrent callers take disjoint rows.
+-- Move what the asset_file trigger appended to cnai.job_intake into cnai.job: one queued job per (asset, task),
+-- coalescing with what is already queued (rows of assets deleted since are dropped). Concurrent callers take
+-- disjoint rows.
 CREATE OR REPLACE FUNCTION cnai.take_intake(p_limit integer DEFAULT 10000) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
   n integer;
@@ -32,19 +33,29 @@ BEGIN
   WITH moved AS (
     DELETE FROM cnai.job_intake i
      WHERE i.ctid = ANY (ARRAY(SELECT x.ctid FROM cnai.job_intake x LIMIT p_limit FOR UPDATE SKIP LOCKED))
-    RETURNING i.asset_id, i.task, i.priority, i.created_at
+    RETURNING i.asset_id, i.queued_at
   ), queued AS (
-    INSERT INTO cnai.job (asset_id, task, priority, created_at)
-    SELECT m.asset_id, m.task, min(m.priority), min(m.created_at)
-      FROM moved m
+    INSERT INTO cnai.job (asset_id, task, created_at)
+    SELECT m.asset_id, t.task, min(m.queued_at)
+      FROM moved m CROSS JOIN unnest(cnai.all_tasks()) AS t(task)
      WHERE EXISTS (SELECT FROM asset a WHERE a.id = m.asset_id)
-     GROUP BY m.asset_id, m.task
-     ORDER BY min(m.created_at), m.asset_id, m.task
+     GROUP BY m.asset_id, t.task
+     ORDER BY min(m.queued_at), m.asset_id, t.task
     ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING
   )
   SELECT count(*) INTO n FROM moved;
   RETURN n;
 END $$;
+
+-- Queued work per task, the intake included (each intake row is one job per task once taken).
+CREATE OR REPLACE FUNCTION cnai.queue_depth() RETURNS TABLE (task text, queued bigint, oldest timestamptz)
+LANGUAGE sql STABLE AS $$
+  WITH intake AS (SELECT count(DISTINCT asset_id) AS n, min(queued_at) AS oldest FROM cnai.job_intake)
+  SELECT t.task,
+         (SELECT count(*) FROM cnai.job j WHERE j.task = t.task AND j.state = 'queued') + intake.n,
+         least((SELECT min(created_at) FROM cnai.job j WHERE j.task = t.task AND j.state = 'queued'), intake.oldest)
+    FROM unnest(cnai.all_tasks()) AS t(task), intake;
+$$;
 
 CREATE OR REPLACE FUNCTION cnai.claim_jobs(p_worker text, p_limit integer, p_tasks text[], p_lease interval)
 RETURNS TABLE (id bigint, asset_id uuid, task text, attempts integer) LANGUAGE plpgsql AS $$
@@ -54,17 +65,17 @@ BEGIN
   END IF;
   RETURN QUERY
   WITH picked AS (
-    SELECT q.id FROM ONLY cnai.job q
+    SELECT q.id FROM cnai.job q
      WHERE q.state = 'queued' AND q.run_after <= now() AND q.task = ANY (p_tasks)
        -- the running twin of this (asset, task) must finish first: its result would overwrite ours
-       AND NOT EXISTS (SELECT FROM ONLY cnai.job r
+       AND NOT EXISTS (SELECT FROM cnai.job r
                         WHERE r.asset_id = q.asset_id AND r.task = q.task AND r.state = 'running'
                         OFFSET 0)  -- keeps it a per-row index probe: an anti-join would scan all running jobs
      ORDER BY q.priority, q.id
      LIMIT p_limit
      FOR UPDATE SKIP LOCKED
   ), claimed AS (
-    UPDATE ONLY cnai.job j
+    UPDATE cnai.job j
        SET state = 'running', attempts = j.attempts + 1, worker = p_worker,
            lease_until = now() + p_lease, started_at = now()
       FROM picked WHERE j.id = picked.id
@@ -83,7 +94,7 @@ END $$;
 -- writes results, so a job whose lease was lost (and re-run elsewhere) is not written twice.
 CREATE OR REPLACE FUNCTION cnai.lock_owned(p_worker text, p_ids bigint[]) RETURNS SETOF bigint
 LANGUAGE sql AS $$
-  SELECT id FROM ONLY cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
+  SELECT id FROM cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
    ORDER BY id FOR UPDATE;
 $$;
 
@@ -94,7 +105,7 @@ DECLARE
   with_requests bigint[];
 BEGIN
   WITH done AS (
-    UPDATE ONLY cnai.job SET state = 'done', finished_at = now(), lease_until = NULL, error = NULL
+    UPDATE cnai.job SET state = 'done', finished_at = now(), lease_until = NULL, error = NULL
      WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
     RETURNING id, priority
   )
@@ -113,18 +124,18 @@ DECLARE
   j cnai.job;
   twin bigint;
 BEGIN
-  SELECT * INTO j FROM ONLY cnai.job WHERE id = p_id FOR UPDATE;
+  SELECT * INTO j FROM cnai.job WHERE id = p_id FOR UPDATE;
   IF NOT FOUND OR j.state <> 'running' THEN
     RETURN;
   END IF;
-  SELECT id INTO twin FROM ONLY cnai.job WHERE asset_id = j.asset_id AND task = j.task AND state = 'queued' FOR UPDATE;
+  SELECT id INTO twin FROM cnai.job WHERE asset_id = j.asset_id AND task = j.task AND state = 'queued' FOR UPDATE;
   IF twin IS NOT NULL THEN
     INSERT INTO cnai.request_job (request_id, job_id)
     SELECT request_id, twin FROM cnai.request_job WHERE job_id = p_id ON CONFLICT DO NOTHING;
-    UPDATE ONLY cnai.job SET priority = least(priority, j.priority) WHERE id = twin;
-    DELETE FROM ONLY cnai.job WHERE id = p_id;
+    UPDATE cnai.job SET priority = least(priority, j.priority) WHERE id = twin;
+    DELETE FROM cnai.job WHERE id = p_id;
   ELSE
-    UPDATE ONLY cnai.job
+    UPDATE cnai.job
        SET state = 'queued', worker = NULL, lease_until = NULL, started_at = NULL,
            run_after = now() + p_delay, error = p_error,
            attempts = CASE WHEN p_refund THEN greatest(attempts - 1, 0) ELSE attempts END
@@ -133,7 +144,7 @@ BEGIN
 END $$;
 
 CREATE OR REPLACE FUNCTION cnai.fail_job(p_id bigint, p_error text) RETURNS void LANGUAGE sql AS $$
-  UPDATE ONLY cnai.job SET state = 'failed', error = p_error, finished_at = now(), lease_until = NULL
+  UPDATE cnai.job SET state = 'failed', error = p_error, finished_at = now(), lease_until = NULL
    WHERE id = p_id AND state = 'running';
   SELECT cnai.settle_requests(ARRAY[p_id]);
 $$;
@@ -150,7 +161,7 @@ BEGIN
   FOR r IN
     SELECT j.id, j.attempts, j.max_attempts, e.error, e.permanent
       FROM unnest(p_ids, p_errors, p_permanent) AS e(id, error, permanent)
-      JOIN ONLY cnai.job j ON j.id = e.id
+      JOIN cnai.job j ON j.id = e.id
      WHERE j.state = 'running' AND j.worker = p_worker
      ORDER BY j.id
   LOOP
@@ -170,7 +181,7 @@ CREATE OR REPLACE FUNCTION cnai.release_jobs(p_worker text, p_ids bigint[]) RETU
 DECLARE
   jid bigint;
 BEGIN
-  FOR jid IN SELECT id FROM ONLY cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker ORDER BY id
+  FOR jid IN SELECT id FROM cnai.job WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker ORDER BY id
   LOOP
     PERFORM cnai.requeue_job(jid, '0 seconds', NULL, true);
   END LOOP;
@@ -178,7 +189,7 @@ END $$;
 
 CREATE OR REPLACE FUNCTION cnai.renew_leases(p_worker text, p_ids bigint[], p_lease interval) RETURNS SETOF bigint
 LANGUAGE sql AS $$
-  UPDATE ONLY cnai.job SET lease_until = now() + p_lease
+  UPDATE cnai.job SET lease_until = now() + p_lease
    WHERE id = ANY (p_ids) AND state = 'running' AND worker = p_worker
   RETURNING id;
 $$;
@@ -190,7 +201,7 @@ DECLARE
   n integer := 0;
 BEGIN
   FOR r IN
-    SELECT id, attempts, max_attempts, worker FROM ONLY cnai.job
+    SELECT id, attempts, max_attempts, worker FROM cnai.job
      WHERE state = 'running' AND lease_until < now()
      ORDER BY lease_until LIMIT p_limit FOR UPDATE SKIP LOCKED
   LOOP
@@ -210,7 +221,7 @@ CREATE OR REPLACE FUNCTION cnai.prune_jobs(p_older_than interval) RETURNS intege
 DECLARE
   n integer;
 BEGIN
-  DELETE FROM ONLY cnai.job WHERE state IN ('done', 'failed') AND finished_at < now() - p_older_than;
+  DELETE FROM cnai.job WHERE state IN ('done', 'failed') AND finished_at < now() - p_older_than;
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END $$;
@@ -221,12 +232,12 @@ DECLARE
   n integer;
 BEGIN
   WITH f AS (
-    SELECT DISTINCT ON (asset_id, task) id FROM ONLY cnai.job j
+    SELECT DISTINCT ON (asset_id, task) id FROM cnai.job j
      WHERE state = 'failed' AND (p_tasks IS NULL OR task = ANY (p_tasks))
-       AND NOT EXISTS (SELECT 1 FROM ONLY cnai.job q WHERE q.asset_id = j.asset_id AND q.task = j.task AND q.state = 'queued')
+       AND NOT EXISTS (SELECT 1 FROM cnai.job q WHERE q.asset_id = j.asset_id AND q.task = j.task AND q.state = 'queued')
      ORDER BY asset_id, task, id DESC
   )
-  UPDATE ONLY cnai.job j SET state = 'queued', attempts = 0, error = NULL, run_after = now(), finished_at = NULL, worker = NULL
+  UPDATE cnai.job j SET state = 'queued', attempts = 0, error = NULL, run_after = now(), finished_at = NULL, worker = NULL
     FROM f WHERE j.id = f.id;
   GET DIAGNOSTICS n = ROW_COUNT;
   IF n > 0 THEN

@@ -136,7 +136,7 @@ class Chaos:
 
     async def reset(self) -> None:
         conn = await self.connect()
-        await conn.execute('TRUNCATE "user", asset, reprocess_request, cnai.job, chaos_write CASCADE')
+        await conn.execute('TRUNCATE "user", asset, reprocess_request, cnai.job, cnai.job_intake, chaos_write CASCADE')
 
     async def add_assets(self, n: int, per_statement: int = 50) -> list:
         """n assets whose preview + thumbnail rows are written the way Immich writes them (fires the trigger)."""
@@ -204,7 +204,7 @@ class Chaos:
         """Running jobs now: id -> worker."""
         conn = await self.connect()
         return {r["id"]: r["worker"] for r in await conn.fetch(
-            "SELECT id, worker FROM ONLY cnai.job WHERE state = 'running'")}
+            "SELECT id, worker FROM cnai.job WHERE state = 'running'")}
 
     async def wait_running(self, at_least: int = 1, workers: int = 1, timeout: float = 30) -> dict:
         deadline = time.monotonic() + timeout
@@ -238,16 +238,16 @@ class Chaos:
                                                  server_settings={"application_name": "cnai-chaos-admin"})
                 if baseline is None:  # nothing finishes during an outage: count from the fault
                     baseline = await conn.fetchval(
-                        "SELECT count(*) FROM ONLY cnai.job WHERE state IN ('done', 'failed')")
+                        "SELECT count(*) FROM cnai.job WHERE state IN ('done', 'failed')")
                 if self._outage(f) and f.restored_at is None:
                     await asyncio.sleep(0.03)
                     continue
                 now = time.monotonic()
-                done = await conn.fetchval("SELECT count(*) FROM ONLY cnai.job WHERE state IN ('done', 'failed')")
+                done = await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state IN ('done', 'failed')")
                 if f.resumed_at is None and done > baseline:
                     f.resumed_at = now
                 if f.recovered_at is None:
-                    rows = await conn.fetch("SELECT id, state, worker FROM ONLY cnai.job WHERE id = ANY($1)",
+                    rows = await conn.fetch("SELECT id, state, worker FROM cnai.job WHERE id = ANY($1)",
                                             list(f.stranded))
                     state = {r["id"]: (r["state"], r["worker"]) for r in rows}
                     if all(i not in state or state[i][0] in ("done", "failed")
@@ -266,7 +266,8 @@ class Chaos:
         conn = await self.connect()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            left = await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state NOT IN ('done', 'failed')")
+            left = await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state NOT IN ('done', 'failed')") \
+                + await conn.fetchval("SELECT count(*) FROM cnai.job_intake")
             if left == 0:
                 # let the fault watchers see the end
                 await asyncio.wait(self._watchers, timeout=5) if self._watchers else None

@@ -89,7 +89,7 @@ async def test_terminate_backends(chaos):
     await asyncio.sleep(1.0)
     t0 = time.monotonic()
     await chaos.add_assets(1)
-    while await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") > 0:
+    while await conn.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") > 0:
         if time.monotonic() - t0 > 10:
             break
         await asyncio.sleep(0.005)
