@@ -198,6 +198,8 @@ def _port_open(port: int) -> bool:
 
 def _port_busy(port: int) -> bool:
     with socket.socket() as s:
+        # as PostgreSQL binds: a port in TIME_WAIT after a restart is free to reuse, and keeping it keeps DSNs valid
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,6 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from cnai import embedded
 from cnai.db import migrate
 from cnai.embedded import EmbeddedServer
 
@@ -37,22 +35,8 @@ SLACK_S = 6.0                                # process start, the work itself, a
 SUMMARY: list[dict] = []
 
 
-def _port_taken(port: int) -> bool:
-    """Like PostgreSQL's own bind (SO_REUSEADDR): a port left in TIME_WAIT by the server we just stopped is
-    free to use again, so a restart keeps its port and the listeners' DSN stays valid."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-    return False
-
-
 @pytest.fixture(scope="session")
 def chaos_server():
-    saved = embedded._port_busy
-    embedded._port_busy = _port_taken
     data_dir = Path(tempfile.mkdtemp(prefix="cnai-chaos-pg-"))
     server = EmbeddedServer(data_dir)
     server.init()
@@ -62,7 +46,6 @@ def chaos_server():
     asyncio.run(_prepare(server.dsn()))
     yield server
     server.destroy()
-    embedded._port_busy = saved
 
 
 async def _prepare(dsn: str) -> None:
