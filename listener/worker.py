@@ -231,7 +231,8 @@ class Listener:
     async def _process(self, jobs: list[Claimed]) -> None:
         try:
             paths = await self._preview_paths([j.asset_id for j in jobs])
-            outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id)) for j in jobs))
+            decoded: dict = {}  # one read and decode per preview, shared by the asset's clip/ocr/face jobs
+            outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id), decoded) for j in jobs))
             await self._settle(jobs, outcomes)
         finally:
             self.held.difference_update(j.id for j in jobs)
@@ -262,14 +263,16 @@ class Listener:
                     ORDER BY "assetId", "isEdited" ASC""", list(set(asset_ids)))
         return {r["assetId"]: r["path"] for r in rows}
 
-    async def _run_job(self, job: Claimed, path: str | None):
+    async def _run_job(self, job: Claimed, path: str | None, decoded: dict):
         """Returns ('ok', image, output) or ('error', message, permanent)."""
         handler = self.handlers[job.task]
         try:
             if path is None:
                 raise PermanentJobError("asset has no preview file in asset_file")
             local = map_path(path, self.config.path_map)
-            image = await asyncio.get_running_loop().run_in_executor(None, _read_image, local)
+            if local not in decoded:
+                decoded[local] = asyncio.get_running_loop().run_in_executor(None, _read_image, local)
+            image = await asyncio.shield(decoded[local])
             output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND)
             return ("ok", image, output)
         except asyncio.CancelledError:
