@@ -30,6 +30,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
 from inference.clip import ClipTextual, ClipVisual  # noqa: E402
+from inference.face import FaceModel, find_face_pack  # noqa: E402
 from inference.ocr import OcrModel, OcrRequest  # noqa: E402
 from inference.pool import ModelPool, Priority  # noqa: E402
 from inference.runtime import RuntimeOptions  # noqa: E402
@@ -53,6 +54,20 @@ def ensure_vit_b_16(models_dir: Path) -> Path:
                     "state_dict": {"module." + k: v for k, v in model.state_dict().items()}}, ckpt)
         del model
         return import_checkpoint(ckpt, "ViT-B-16", models_dir)
+
+
+def face_pack(models_dir: Path):
+    """A real pack from the models dir if there is one; else the tests' tiny stand-ins (shapes and I/O names of
+    buffalo_l, not its size), so the pool's overhead is still measured on real ONNX sessions."""
+    try:
+        return find_face_pack(models_dir, "buffalo_l"), "buffalo_l"
+    except Exception:
+        from tests.face_fixtures import build_detector, build_recogniser
+        d = models_dir / "face" / "tiny-stand-in"
+        d.mkdir(parents=True, exist_ok=True)
+        build_detector(d / "det_10g.onnx")
+        build_recogniser(d / "w600k_r50.onnx")
+        return find_face_pack(models_dir, "tiny-stand-in"), "tiny stand-in"
 
 
 def photos(n: int, size=(1440, 1080)) -> list[Image.Image]:
@@ -153,6 +168,10 @@ async def main() -> None:
                                      [1, 8, 32]))
     ocr_items = [OcrRequest(im) for im in imgs[: max(8, args.images // 4)]]
     results.append(await bench_model("ocr", lambda: OcrModel(max_batch=4), ocr_items, [1, 4], callers=(1, 8)))
+    pack, pack_label = face_pack(args.models_dir)
+    face_items = [(im, 0.7) for im in imgs]
+    results.append(await bench_model(f"face:{pack.name}", lambda: FaceModel(pack, rt, max_batch=8), face_items,
+                                     [1, 8], callers=(1, 8, 32)))
 
     print(f"{'model':24s} {'bare best':>10s} {'@batch':>6s} " +
           " ".join(f"{'pool x' + str(c):>9s}" for c in (1, 8, 32)) +
@@ -166,6 +185,7 @@ async def main() -> None:
             return f"{r['pool'][n] / b:.2f}" if n in r["pool"] else "-"
         print(f"{r['name']:24s} {best:10.1f} {r['best_batch']:6d} {cells} {same(8):>9s} {same(32):>10s} "
               f"{max(r['pool'].values()) / best:9.2f}")
+    print(f"  face pack: {pack_label}")
     print("  items/s. bare: the model's own run_batch called in a loop, no pool; pool xN: N concurrent callers of one")
     print("  item each, batched by the pool. xN/bareN compares equal batch sizes (for OCR, bare at its largest batch).")
     for r in results:
