@@ -80,7 +80,10 @@ async def sync_folder(conn: asyncpg.Connection, folder: Path) -> None:
             await remove_file(conn, owner, path)
 
 
-async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event) -> None:
+async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event, rescan_s: float = 60.0) -> None:
+    """Import what is in `folder`, then follow changes. File events are hints, the folder is the truth: a full
+    rescan runs once the watcher is up (closing the gap between the first scan and the watch) and every
+    `rescan_s` after, so a missed event delays a photo, never loses it."""
     from watchfiles import Change, awatch
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,7 +92,15 @@ async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event) -> None:
         await sync_folder(conn, folder)
         owner = await local_user(conn)
         log.info("watching %s for photos", folder)
-        async for changes in awatch(folder, stop_event=stop, debounce=500, recursive=True):
+        last_scan = None
+        async for changes in awatch(folder, stop_event=stop, debounce=500, recursive=True,
+                                    rust_timeout=1000, yield_on_timeout=True):
+            now = asyncio.get_running_loop().time()
+            if not changes:
+                if last_scan is None or now - last_scan >= rescan_s:
+                    await sync_folder(conn, folder)
+                    last_scan = now
+                continue
             for change, raw in sorted(changes, key=lambda c: c[1]):
                 path = Path(raw)
                 if not is_image(path):

@@ -46,6 +46,8 @@ def test_serve_watch_search_reprocess(embedded_home):
     port = _free_port()
     env = {**os.environ, "CNAI_MODELS_DIR": str(models), "CNAI_POLL_INTERVAL_S": "0.5"}
     db = ["--embedded", "--data-dir", str(data)]
+    photos.mkdir()
+    render_text(["已有的照片"]).save(photos / "before.jpg", quality=90)  # there before the service starts
     serve = subprocess.Popen([sys.executable, "-m", "cnai", "serve", *db, "--watch", str(photos), "--port", str(port)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -68,10 +70,11 @@ def test_serve_watch_search_reprocess(embedded_home):
         assert "sunset.png" not in out
         sunset = wait_until(lambda: "sunset.png" in cnai("search", *db, "ocr:日落", env=env).stdout, 60, "sunset")
         assert sunset
+        assert "before.jpg" in cnai("search", *db, "ocr:已有", env=env).stdout
 
         status = cnai("status", *db, env=env)
         assert status.returncode == 0
-        assert re.search(r"ocr\s+done\s+2", status.stdout), status.stdout
+        assert re.search(r"ocr\s+done\s+3", status.stdout), status.stdout
         # no CLIP/face models here: those tasks fail with a reason naming the missing file; OCR was unaffected
         wait_until(lambda: "model file not found" in cnai("status", *db, env=env).stdout, 60, "clip failure")
 
