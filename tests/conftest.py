@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
@@ -86,6 +89,28 @@ def listener_settings(tasks: list[str], models_dir: Path | None = None, **overri
     for k, v in overrides.items():
         setattr(s, k, v)
     return s
+
+
+@contextlib.asynccontextmanager
+async def running_listener(dsn: str, pool, settings, mirror_clip: bool = False, stop_timeout: float = 60):
+    """The real listener, in-process on the test's loop, stopped gracefully on exit."""
+    from cnai.wiring import build_listener
+    listener = build_listener(dsn, pool, settings, mirror_clip=mirror_clip)
+    task = asyncio.create_task(listener.run())
+    try:
+        yield listener
+    finally:
+        listener.stop()
+        await asyncio.wait_for(task, stop_timeout)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, as a service manager would; SIGKILL only if it does not stop in time."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 async def make_user(conn, email: str | None = None):

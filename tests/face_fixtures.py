@@ -47,6 +47,16 @@ def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(array, name + "_value"))
 
 
+def _save(graph, path: Path) -> Path:
+    """Opset 11 / IR 6, like the InsightFace exports, checked, then written."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
+    model.ir_version = 6
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
 def build_detector(path: Path, *, kps: bool = True, layout: str = "insightface") -> Path:
     """layout: "insightface" (N, C) outputs, fixed batch 1; "batched" (1, N, C) outputs; "dynamic" free batch."""
     batch = "batch" if layout == "dynamic" else 1
@@ -98,12 +108,7 @@ def build_detector(path: Path, *, kps: bool = True, layout: str = "insightface")
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, 3, "?", "?"])],
         [outputs[n] for n in order],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 6
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def recogniser_weights(seed: int = 0) -> np.ndarray:
@@ -132,12 +137,7 @@ def build_recogniser(path: Path, *, batch: object = "None", output_batch: object
         [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, [batch, 3, 112, 112])],
         [helper.make_tensor_value_info(REC_OUTPUT_NAME, TensorProto.FLOAT, [output_batch, 512])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
-    model.ir_version = 6
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return _save(graph, path)
 
 
 def canvas(width: int, height: int, blocks: list[tuple[int, int, int, int, tuple[int, int, int]]] = ()) -> np.ndarray:

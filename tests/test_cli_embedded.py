@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cnai.embedded import EmbeddedServer, _free_port
-from tests.conftest import render_text
+from tests.conftest import render_text, stop_process
 
 
 def cnai(*args, env, timeout=120) -> subprocess.CompletedProcess:
@@ -88,11 +87,7 @@ def test_serve_watch_search_reprocess(embedded_home):
         wait_until(lambda: "receipt.jpg" not in cnai("search", *db, "ocr:发票", env=env).stdout, 30,
                    "the deleted photo to leave the results")
     finally:
-        serve.send_signal(signal.SIGTERM)
-        try:
-            serve.wait(60)
-        except subprocess.TimeoutExpired:
-            serve.kill()
+        stop_process(serve, 60)
     assert serve.returncode == 0, serve.stdout.read()[-3000:]
 
 

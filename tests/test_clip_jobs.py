@@ -2,7 +2,6 @@
 smart_search only when Immich's configured model is one we answer), and /predict clip in Immich's shape."""
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 
@@ -14,10 +13,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from cnai.settings import Settings
-from cnai.wiring import build_gateway, build_listener, build_pool, mirror_clip_to_immich
+from cnai.wiring import build_gateway, build_pool, mirror_clip_to_immich
 from inference.clip import ClipTextual, ClipVisual
 from tests.clip_fixtures import TINY_VIT, build_clip, sample_images, save_official
-from tests.conftest import listener_settings, make_asset, make_user, wait_for
+from tests.conftest import listener_settings, make_asset, make_user, running_listener, wait_for
 
 pytest.importorskip("cn_clip")
 
@@ -47,13 +46,8 @@ async def clip_pool(models_dir):
 
 
 async def run_listener_until(dsn, pool, models_dir, predicate, mirror):
-    listener = build_listener(dsn, pool, clip_settings(models_dir), mirror_clip=mirror)
-    task = asyncio.create_task(listener.run())
-    try:
+    async with running_listener(dsn, pool, clip_settings(models_dir), mirror_clip=mirror, stop_timeout=30):
         await wait_for(predicate, timeout=60)
-    finally:
-        listener.stop()
-        await asyncio.wait_for(task, 30)
 
 
 def vec(text: str) -> np.ndarray:

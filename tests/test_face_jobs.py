@@ -2,7 +2,6 @@
 and /predict facial-recognition in Immich's shape."""
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import shutil
@@ -15,8 +14,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from cnai.settings import Settings
-from cnai.wiring import build_gateway, build_listener, build_pool
-from tests.conftest import listener_settings, make_asset, make_user, wait_for
+from cnai.wiring import build_gateway, build_pool
+from tests.conftest import listener_settings, make_asset, make_user, running_listener, wait_for
 from tests.face_fixtures import BLUE, canvas, face_models  # noqa: F401  (fixture)
 
 
@@ -44,13 +43,8 @@ async def face_pool(models_dir):
 
 
 async def run_until(dsn, pool, models_dir, predicate):
-    listener = build_listener(dsn, pool, face_settings(models_dir))
-    task = asyncio.create_task(listener.run())
-    try:
+    async with running_listener(dsn, pool, face_settings(models_dir), stop_timeout=30):
         await wait_for(predicate, timeout=60)
-    finally:
-        listener.stop()
-        await asyncio.wait_for(task, 30)
 
 
 async def test_faces_are_written_with_image_size_and_replaced_on_reprocess(db, dsn, face_pool, models_dir,
@@ -90,14 +84,11 @@ async def test_missing_face_pack_fails_face_jobs_with_the_path(db, dsn, photo_di
     path = photo_dir / "x.png"
     Image.fromarray(canvas(64, 64)).save(path)
     asset = await make_asset(db, owner, path)
-    listener = build_listener(dsn, pool, settings)
-    task = asyncio.create_task(listener.run())
     try:
-        await wait_for(lambda: db.fetchval(
-            "SELECT state = 'failed' FROM cnai.job WHERE asset_id = $1 AND task = 'face'", asset), timeout=30)
+        async with running_listener(dsn, pool, settings, stop_timeout=30):
+            await wait_for(lambda: db.fetchval(
+                "SELECT state = 'failed' FROM cnai.job WHERE asset_id = $1 AND task = 'face'", asset), timeout=30)
     finally:
-        listener.stop()
-        await asyncio.wait_for(task, 30)
         await pool.close()
     error = await db.fetchval("SELECT error FROM cnai.job WHERE asset_id = $1 AND task = 'face'", asset)
     assert "buffalo_l" in error and "face" in error and "not found" in error

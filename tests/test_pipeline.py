@@ -1,8 +1,6 @@
 """Photo in -> trigger -> listener -> real OCR -> `ocr:` search, on a real PostgreSQL."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -12,8 +10,9 @@ from pathlib import Path
 import pytest_asyncio
 
 from cnai.settings import Settings
-from cnai.wiring import build_listener, build_pool
-from tests.conftest import listener_settings, make_asset, make_user, render_text, wait_for
+from cnai.wiring import build_pool
+from tests.conftest import (listener_settings, make_asset, make_user, render_text, running_listener, stop_process,
+                            wait_for)
 
 
 def ocr_settings(**overrides) -> Settings:
@@ -26,17 +25,6 @@ async def ocr_pool():
     await pool.preload(["ocr"])
     yield pool
     await pool.close()
-
-
-@contextlib.asynccontextmanager
-async def running_listener(dsn, pool, **overrides):
-    listener = build_listener(dsn, pool, ocr_settings(**overrides))
-    task = asyncio.create_task(listener.run())
-    try:
-        yield listener
-    finally:
-        listener.stop()
-        await asyncio.wait_for(task, 60)
 
 
 async def job_states(db, asset_id):
@@ -58,7 +46,7 @@ async def test_photos_are_indexed_and_found(db, dsn, ocr_pool, photo_dir):
     invoice = await make_asset(db, owner, save(render_text(["增值税发票", "合计 128元"]), photo_dir / "a.jpg"))
     english = await make_asset(db, owner, save(render_text(["Hello World", "Summer Sale"]), photo_dir / "b.jpg"))
     mixed = await make_asset(db, owner, save(render_text(["海边日落 Sunset 2024"]), photo_dir / "c.jpg"))
-    async with running_listener(dsn, ocr_pool):
+    async with running_listener(dsn, ocr_pool, ocr_settings()):
         await wait_for(lambda: db.fetchval("SELECT count(*) = 3 FROM cnai.ocr"), timeout=90)
     texts = {r["asset_id"]: r["text"] for r in await db.fetch("SELECT asset_id, text FROM cnai.ocr")}
     assert "发票" in texts[invoice] and "128" in texts[invoice]
@@ -81,7 +69,7 @@ async def test_reprocess_replaces_text_and_delete_cascades(db, dsn, ocr_pool, ph
     owner = await make_user(db)
     path = save(render_text(["旧的文字"]), photo_dir / "p.jpg")
     asset = await make_asset(db, owner, path)
-    async with running_listener(dsn, ocr_pool):
+    async with running_listener(dsn, ocr_pool, ocr_settings()):
         await wait_for(lambda: db.fetchval("SELECT count(*) = 1 FROM cnai.ocr"), timeout=60)
         assert await search(db, "ocr:旧的") == [asset]
         save(render_text(["新的发票"]), path)
@@ -112,7 +100,7 @@ async def test_bad_files_fail_with_reason_while_others_complete(db, dsn, ocr_poo
     truncated_path.write_bytes(full[: len(full) // 3])
     truncated = await make_asset(db, owner, truncated_path)
     missing = await make_asset(db, owner, photo_dir / "missing.jpg")
-    async with running_listener(dsn, ocr_pool):
+    async with running_listener(dsn, ocr_pool, ocr_settings()):
         await wait_for(lambda: db.fetchval(
             "SELECT count(*) = 5 FROM cnai.job WHERE task = 'ocr' AND state IN ('done', 'failed')"), timeout=90)
     assert (await job_states(db, good))["ocr"][0] == "done"
@@ -133,7 +121,7 @@ async def test_path_outside_mapped_roots_is_refused(db, dsn, ocr_pool, photo_dir
     ok = await make_asset(db, owner, Path("/usr/src/app/upload") / "in.jpg")
     outside = await make_asset(db, owner, Path("/etc/passwd"))
     escape = await make_asset(db, owner, Path("/usr/src/app/upload/../../../etc/passwd"))
-    async with running_listener(dsn, ocr_pool, path_map=[("/usr/src/app/upload", photo_dir)]):
+    async with running_listener(dsn, ocr_pool, ocr_settings(path_map=[("/usr/src/app/upload", photo_dir)])):
         await wait_for(lambda: db.fetchval(
             "SELECT count(*) = 3 FROM cnai.job WHERE task = 'ocr' AND state IN ('done', 'failed')"), timeout=60)
     assert (await job_states(db, ok))["ocr"][0] == "done", inside
@@ -148,7 +136,7 @@ async def test_listener_started_after_jobs_were_queued(db, dsn, ocr_pool, photo_
               for i in range(3)]
     # no listener was connected: these NOTIFYs went nowhere
     assert await db.fetchval("SELECT queued FROM cnai.queue_depth() WHERE task = 'ocr'") == 3
-    async with running_listener(dsn, ocr_pool, poll_interval_s=30):  # catch-up on connect, not the poll
+    async with running_listener(dsn, ocr_pool, ocr_settings(poll_interval_s=30)):  # catch-up on connect, not the poll
         await wait_for(lambda: db.fetchval("SELECT count(*) = 3 FROM cnai.ocr"), timeout=60)
     assert set(await search(db, "ocr:照片")) == set(assets)
 
@@ -183,11 +171,7 @@ async def test_sigkill_mid_batch_loses_nothing(db, dsn, photo_dir):
         await wait_for(lambda: db.fetchval(
             "SELECT count(*) = $1 FROM cnai.job WHERE task = 'ocr' AND state = 'done'", n), timeout=30)
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(30)
-        except subprocess.TimeoutExpired:
-            second.kill()
+        stop_process(second, 30)
     assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE task = 'ocr' AND state <> 'done'") == 0
     assert set(await search(db, "ocr:收据")) == set(assets)
     # graceful stop handed everything back or finished it
