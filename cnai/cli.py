@@ -186,7 +186,6 @@ async def cmd_backfill(args, settings):
     tasks = args.task or list(TASKS)
     result_table = {"ocr": "cnai.ocr", "clip": "cnai.clip", "face": "cnai.face"}
     try:
-        total = 0
         for task in tasks:
             missing = "" if args.force else f"AND NOT EXISTS (SELECT 1 FROM {result_table[task]} r WHERE r.asset_id = a.id)"
             n = await conn.fetchval(f"""
@@ -198,7 +197,6 @@ async def cmd_backfill(args, settings):
                      {missing}
                   ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING RETURNING 1)
                 SELECT count(*) FROM ins""", task)
-            total += n
             print(f"{task}: queued {n}")
         await conn.execute("SELECT pg_notify('cnai_job', 'backfill')")
     finally:

@@ -30,7 +30,6 @@ class GatewayConfig:
     ocr_key: str = "ocr"
     clip_model: str = "ViT-B-16"            # our cn-clip model (models dir name)
     clip_serve_as: list[str] = field(default_factory=lambda: ["ViT-B-32__openai", "ViT-B-16__openai"])
-    face_models_available: callable = None   # name -> bool; None: every name is tried as a face pack
     upstream_url: str = ""
 
 
@@ -104,17 +103,13 @@ class Gateway:
         return name == clean_name(self.config.clip_model) or name in self.config.clip_serve_as
 
     def _needs_upstream(self, entries) -> bool:
-        for task, types in entries.items():
-            if task == "clip" and not all(self._served_clip(e.model_name) for e in types.values()):
-                break
-            if task not in ("clip", "ocr", "facial-recognition"):
-                break
-        else:
+        unknown = [f"{t}/{e.type}:{e.model_name}" for t, types in entries.items() for e in types.values()
+                   if t not in ("clip", "ocr", "facial-recognition")
+                   or (t == "clip" and not self._served_clip(e.model_name))]
+        if not unknown:
             return False
         if self.config.upstream_url:
             return True
-        unknown = [f"{t}/{e.type}:{e.model_name}" for t, ty in entries.items() for e in ty.values()
-                   if t not in ("clip", "ocr", "facial-recognition") or (t == "clip" and not self._served_clip(e.model_name))]
         raise RequestError(400, f"not served here: {', '.join(unknown)} (cnai serves CLIP as "
                                 f"{', '.join([self.config.clip_model, *self.config.clip_serve_as])}; "
                                 "set CNAI_UPSTREAM_ML_URL to forward other models to Immich ML)")
