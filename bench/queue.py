@@ -193,7 +193,6 @@ async def main(args) -> None:
             print(f"  {name:16s} {fig}")
     finally:
         server.destroy()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

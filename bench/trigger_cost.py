@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -134,7 +133,6 @@ async def main(args) -> None:
         print(f"per-asset statement ratio {single['ratio']:.3f}: {verdict}")
     finally:
         server.destroy()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,6 @@
 tokenizer SQL run unchanged on an older server (Immich supports 14-18) with the same tokens as on 18."""
 from __future__ import annotations
 
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,7 +25,6 @@ def old_server():
     server.start()
     yield server
     server.destroy()
-    shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest_asyncio.fixture
