@@ -1,8 +1,8 @@
 """Database connection and migrations."""
 from __future__ import annotations
 
-import hashlib
 import logging
+from pathlib import Path
 
 import asyncpg
 
@@ -48,11 +48,12 @@ async def immich_schema_exists(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval("SELECT to_regclass('asset') IS NOT NULL AND to_regclass('asset_file') IS NOT NULL"))
 
 
-async def migrate(dsn: str, standalone: bool = False) -> list[str]:
-    """Apply pending migrations, one transaction per file, under an advisory lock. Returns the ids applied.
+async def migrate(dsn: str, standalone: bool = False, sql_root: Path = sql_files.ROOT) -> list[str]:
+    """Bring the database up to date, one transaction per file, under an advisory lock. Returns the ids applied.
 
-    standalone=True creates the minimal Immich-compatible schema first when no Immich schema exists; it never
-    touches an existing Immich schema.
+    Schema files are applied once; code files (functions, triggers) whenever their content differs from what was
+    applied, so fixed functions reach existing databases. standalone=True creates the minimal Immich-compatible
+    schema first when no Immich schema exists; it never touches an existing Immich schema.
     """
     conn = await connect(dsn)
     applied: list[str] = []
@@ -70,20 +71,27 @@ async def migrate(dsn: str, standalone: bool = False) -> list[str]:
                 CREATE TABLE IF NOT EXISTS cnai.migration (
                   id text PRIMARY KEY, checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())""")
             done = {r["id"]: r["checksum"] for r in await conn.fetch("SELECT id, checksum FROM cnai.migration")}
-            for m in sql_files.migrations(include_standalone=not have_immich):
-                text = m.sql()
-                checksum = hashlib.sha256(text.encode()).hexdigest()
-                if m.id in done:
-                    if done[m.id] != checksum:
-                        log.warning("migration %s changed since it was applied; not re-applied", m.id)
+            for m in sql_files.migrations(include_standalone=not have_immich, root=sql_root):
+                checksum = m.checksum()
+                if done.get(m.id) == checksum:
+                    continue
+                if m.id in done and m.kind == sql_files.SCHEMA:
+                    log.warning("schema file %s changed after it was applied; schema files are append-only, so "
+                                "it is not re-applied (put the change in a new numbered file)", m.id)
                     continue
                 log.info("applying %s", m.id)
                 async with conn.transaction():
+                    # a function may name a table or function that a later file creates; bodies are checked
+                    # when they run (as pg_dump restores do)
+                    await conn.execute("SET LOCAL check_function_bodies = off")
                     try:
-                        await conn.execute(text)
+                        await conn.execute(m.sql())
                     except asyncpg.PostgresError as e:
                         raise DatabaseSetupError(f"migration {m.id} failed: {e}") from e
-                    await conn.execute("INSERT INTO cnai.migration (id, checksum) VALUES ($1, $2)", m.id, checksum)
+                    await conn.execute(
+                        """INSERT INTO cnai.migration (id, checksum) VALUES ($1, $2)
+                           ON CONFLICT (id) DO UPDATE SET checksum = excluded.checksum, applied_at = now()""",
+                        m.id, checksum)
                 applied.append(m.id)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)

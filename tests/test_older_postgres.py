@@ -50,7 +50,8 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
                                  type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
                                  UNIQUE ("assetId", type, "isEdited"));""")
     root = Path(__file__).resolve().parent.parent / "sql"
-    for name in ("triggers/001_queue.sql", "triggers/002_queue_ops.sql", "zhparser/010_cjk_tokens.sql"):
+    for name in ("queue/schema/100_queue_tables.sql", "queue/code/110_queue_ops.sql", "triggers/code/120_triggers.sql",
+                 "zhparser/code/010_cjk_tokens.sql"):
         await old_conn.execute((root / name).read_text())
     asset = await old_conn.fetchval("INSERT INTO asset DEFAULT VALUES RETURNING id")
     await old_conn.execute("""INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', '/p.jpg')""", asset)

@@ -1,3 +1,4 @@
+-- Code (re-applied whenever this file changes).
 -- cnai.search: what a patched Immich search (`ocr:` prefix) and `cnai search` call.
 --   'ocr:发票'                      -> OCR text only, best first
 --   '海边日落' + query_embedding     -> hybrid: OCR text and CLIP vector fused by reciprocal rank (k = 60)
@@ -18,7 +19,7 @@ RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE sql STABL
   WITH q AS (SELECT cnai.zh_tsquery(q_text) AS tsq)
   SELECT o.asset_id, s.score, (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
     FROM q, cnai.ocr o
-    JOIN asset a ON a.id = o.asset_id
+    JOIN public.asset a ON a.id = o.asset_id
     CROSS JOIN LATERAL (SELECT cnai.ocr_match_score(o.tokens, o.text, q.tsq, q_text) AS score) s
    WHERE q.tsq IS NOT NULL AND o.tokens @@ q.tsq
      AND a."deletedAt" IS NULL AND a.status::text = 'active' AND a.visibility::text NOT IN ('hidden', 'locked')
@@ -41,7 +42,7 @@ BEGIN
   RETURN QUERY
   WITH nearest AS (
     SELECT c.asset_id, (c.embedding <=> query_embedding)::float8 AS distance
-      FROM cnai.clip c JOIN asset a ON a.id = c.asset_id
+      FROM cnai.clip c JOIN public.asset a ON a.id = c.asset_id
      WHERE a."deletedAt" IS NULL AND a.status::text = 'active' AND a.visibility::text NOT IN ('hidden', 'locked')
        AND (owner_ids IS NULL OR a."ownerId" = ANY (owner_ids))
      ORDER BY c.embedding <=> query_embedding

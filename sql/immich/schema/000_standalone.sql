@@ -1,3 +1,4 @@
+-- Schema (append-only), standalone only.
 -- A minimal Immich-compatible schema (Immich 3.x names and types) for the embedded default and tests.
 -- Only the tables and columns cnai reads or writes. Applied only when no Immich schema exists
 -- (`cnai migrate --standalone`, or the embedded server); never on a real Immich database.

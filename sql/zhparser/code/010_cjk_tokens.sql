@@ -1,3 +1,4 @@
+-- Code (re-applied whenever this file changes).
 -- Chinese-aware tokenization that needs no C extension (works on stock Immich PostgreSQL, any locale).
 -- CJK runs become overlapping bigrams plus unigrams (like Lucene's CJK analyzer with unigrams), so substrings
 -- and 1-character queries match; other scripts split into case-folded words. Positions are kept so a
@@ -60,18 +61,3 @@ CREATE OR REPLACE FUNCTION cnai.zh_tsquery(q text) RETURNS tsquery LANGUAGE sql 
   )
   SELECT string_agg(part, ' & ' ORDER BY ord)::tsquery FROM parts;
 $$;
-
--- Where zhparser is installed, also provide a word-segmenting configuration for operators who want it.
-DO $$
-BEGIN
-  IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'zhparser') THEN
-    CREATE EXTENSION IF NOT EXISTS zhparser;
-    IF NOT EXISTS (SELECT 1 FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace
-                    WHERE n.nspname = 'cnai' AND c.cfgname = 'zh') THEN
-      CREATE TEXT SEARCH CONFIGURATION cnai.zh (PARSER = zhparser);
-      ALTER TEXT SEARCH CONFIGURATION cnai.zh ADD MAPPING FOR n, v, a, i, e, l WITH simple;
-    END IF;
-  END IF;
-EXCEPTION WHEN insufficient_privilege THEN
-  RAISE NOTICE 'cnai: zhparser is available but could not be enabled (%); using the built-in CJK tokenizer', SQLERRM;
-END $$;

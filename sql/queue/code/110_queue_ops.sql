@@ -1,5 +1,10 @@
--- Queue operations used by listeners. They work on arrays so one round trip claims or settles a whole batch.
--- Delivery is at-least-once; result writes are idempotent upserts, so a re-run never duplicates results.
+-- Code (re-applied whenever this file changes): every way a job moves through the queue. Listeners call these
+-- (listener/queue.py); they work on arrays so one round trip claims or settles a whole batch. Delivery is
+-- at-least-once; result writes are idempotent upserts, so a re-run never duplicates results.
+
+-- The tasks cnai knows; a request or job names a subset.
+CREATE OR REPLACE FUNCTION cnai.all_tasks() RETURNS text[] LANGUAGE sql IMMUTABLE
+  RETURN ARRAY['clip', 'face', 'ocr'];
 
 -- Requests follow their jobs: running once one is claimed, done/failed once all are finished.
 CREATE OR REPLACE FUNCTION cnai.settle_requests(p_job_ids bigint[]) RETURNS void LANGUAGE sql AS $$
@@ -14,7 +19,7 @@ CREATE OR REPLACE FUNCTION cnai.settle_requests(p_job_ids bigint[]) RETURNS void
       FROM reqs r JOIN cnai.request_job rj USING (request_id) JOIN cnai.job j ON j.id = rj.job_id
      GROUP BY r.request_id
   )
-  UPDATE reprocess_request q
+  UPDATE public.reprocess_request q
      SET status = CASE WHEN a.finished AND a.any_failed THEN 'failed'
                        WHEN a.finished THEN 'done' ELSE 'running' END,
          error = a.errors,
@@ -38,7 +43,7 @@ BEGIN
     INSERT INTO cnai.job (asset_id, task, created_at)
     SELECT m.asset_id, t.task, min(m.queued_at)
       FROM moved m CROSS JOIN unnest(cnai.all_tasks()) AS t(task)
-     WHERE EXISTS (SELECT FROM asset a WHERE a.id = m.asset_id)
+     WHERE EXISTS (SELECT FROM public.asset a WHERE a.id = m.asset_id)
      GROUP BY m.asset_id, t.task
      ORDER BY min(m.queued_at), m.asset_id, t.task
     ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING
@@ -82,7 +87,7 @@ BEGIN
     RETURNING j.id, j.asset_id, j.task, j.attempts, j.priority
   ), requests AS (
     -- a request's jobs always have priority 0 (set when it joins them), so background claims skip this
-    UPDATE reprocess_request q SET status = 'running'
+    UPDATE public.reprocess_request q SET status = 'running'
      WHERE q.status = 'pending'
        AND q.id IN (SELECT rj.request_id FROM cnai.request_job rj
                      WHERE rj.job_id = ANY (ARRAY(SELECT c.id FROM claimed c WHERE c.priority = 0)))

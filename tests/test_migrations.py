@@ -1,0 +1,91 @@
+"""Migrations on a database of its own: code files re-applied when they change, schema files append-only, and the
+triggers working for a writer role that has no privilege on cnai's schema (as Immich's own role has none)."""
+from __future__ import annotations
+
+import logging
+import shutil
+import uuid
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+import sql as sql_files
+from cnai.db import migrate
+
+
+@pytest_asyncio.fixture
+async def fresh_dsn(pg_server):
+    """A new, empty database on the session's server; dropped afterwards."""
+    name = f"mig_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(pg_server.dsn("postgres"))
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield pg_server.dsn(name)
+    finally:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.close()
+
+
+@pytest.fixture
+def sql_copy(tmp_path) -> Path:
+    root = tmp_path / "sql"
+    shutil.copytree(sql_files.ROOT, root, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+    return root
+
+
+async def test_a_changed_code_file_is_reapplied_and_a_changed_schema_file_is_not(fresh_dsn, sql_copy, caplog):
+    first = await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
+    assert first == [m.id for m in sql_files.migrations(include_standalone=True)]
+    assert await migrate(fresh_dsn, standalone=True, sql_root=sql_copy) == []  # nothing changed
+
+    ops = sql_copy / "queue" / "code" / "110_queue_ops.sql"
+    ops.write_text(ops.read_text().replace("RETURN ARRAY['clip', 'face', 'ocr'];",
+                                           "RETURN ARRAY['clip', 'face', 'ocr', 'upgraded'];"))
+    tables = sql_copy / "queue" / "schema" / "100_queue_tables.sql"
+    tables.write_text(tables.read_text() + "\nCREATE TABLE cnai.must_not_appear (id int);\n")
+    with caplog.at_level(logging.WARNING, logger="cnai.db"):
+        again = await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
+    assert again == ["queue/code/110_queue_ops.sql"]
+    assert "queue/schema/100_queue_tables.sql changed after it was applied" in caplog.text
+
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        assert await conn.fetchval("SELECT cnai.all_tasks()") == ["clip", "face", "ocr", "upgraded"]
+        assert await conn.fetchval("SELECT to_regclass('cnai.must_not_appear')") is None
+        checksum = await conn.fetchval("SELECT checksum FROM cnai.migration WHERE id = 'queue/code/110_queue_ops.sql'")
+    finally:
+        await conn.close()
+    assert checksum == sql_files.Migration("x", ops, sql_files.CODE).checksum()
+
+
+async def test_triggers_enqueue_for_a_writer_without_privileges_on_cnai(fresh_dsn):
+    await migrate(fresh_dsn, standalone=True)
+    role = f"immich_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(fresh_dsn)
+    try:
+        # the writer may do what Immich's role does to its own tables, and nothing on schema cnai
+        await admin.execute(f"""
+            CREATE ROLE {role} LOGIN NOSUPERUSER;
+            GRANT USAGE ON SCHEMA public TO {role};
+            GRANT SELECT, INSERT, UPDATE, DELETE ON public."user", public.asset, public.asset_file TO {role};""")
+        writer = await asyncpg.connect(fresh_dsn.replace("://postgres@", f"://{role}@"))
+        try:
+            assert not await writer.fetchval("SELECT has_schema_privilege('cnai', 'USAGE')")
+            owner = await writer.fetchval("""INSERT INTO "user" (email) VALUES ('w@test') RETURNING id""")
+            asset = await writer.fetchval(
+                """INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                   VALUES ($1, '/a.jpg', 'a.jpg', '\\x01') RETURNING id""", owner)
+            # Immich's upsert, twice: the insert, then the same path written again (the UPDATE half)
+            for _ in range(2):
+                await writer.execute(
+                    """INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', '/p.jpg')
+                       ON CONFLICT ("assetId", type, "isEdited") DO UPDATE SET path = excluded.path""", asset)
+        finally:
+            await writer.close()
+        assert await admin.fetchval("SELECT count(*) FROM cnai.job_intake WHERE asset_id = $1", asset) == 2
+        assert await admin.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'failed'") == 0
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        await admin.close()
