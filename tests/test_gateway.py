@@ -86,13 +86,24 @@ async def test_ocr_min_score_filters(client):
 
 async def test_max_resolution_never_upscales_and_keeps_normalised_boxes(client):
     img = render_text(["海边日落"], size=40, width=500)
-    entries = json.loads(json.dumps(OCR_ENTRIES))
-    for res in (2000, 320):
-        entries["ocr"]["detection"]["options"]["maxResolution"] = res
-        r = await client.post("/predict", data=immich_form(entries, jpeg(img)))
+    data = jpeg(img)
+
+    async def ocr_at(max_resolution: int) -> dict:
+        entries = json.loads(json.dumps(OCR_ENTRIES))
+        entries["ocr"]["detection"]["options"]["maxResolution"] = max_resolution
+        r = await client.post("/predict", data=immich_form(entries, data))
         body = await r.json()
-        assert r.status == 200 and body["imageWidth"] == 500
+        assert r.status == 200 and (body["imageWidth"], body["imageHeight"]) == img.size
         assert all(0 <= v <= 1 for v in body["ocr"]["box"])
+        return body["ocr"]
+
+    as_is = await ocr_at(min(img.size))  # the shorter side exactly: the detector sees the image unchanged
+    assert "日落" in "".join(as_is["text"])
+    # a larger maxResolution changes nothing; an upscaled input would move the boxes and scores
+    assert await ocr_at(2000) == as_is
+    # a smaller one does downscale (same text, boxes measured on a different image), still normalised
+    smaller = await ocr_at(min(img.size) * 2 // 3)
+    assert smaller["box"] != as_is["box"] and len(smaller["box"]) == 8 * len(smaller["text"])
 
 
 @pytest.mark.parametrize("entries", ["not json", "[]", '{"ocr": 1}', '{"ocr": {"detection": {"options": {}}}}',
