@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 
 import aiohttp
 import pytest
@@ -308,3 +309,55 @@ async def test_proxy_forwards_every_field_to_upstream(gateway_pool):
             assert r.status == 200
     assert received[0] == {"entries": json.dumps(entries), "text": "海边", "image": img, "filename": "blob"}
     assert received[1]["text"] == "日落" and received[1]["image"] is None
+
+
+# --- images from outside: formats, truncation, decompression bombs ----------------------------------------------
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A 1-bit PNG of zeros: a few hundred KB that declares width x height pixels."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    row = bytes(1 + (width + 7) // 8)  # filter byte + packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("side", [20000, 10000])
+async def test_png_bomb_is_400_and_memory_stays_flat(client, side):
+    bomb = png_bomb(side, side)
+    assert len(bomb) < 2 * MB
+    with peak_rss_growth() as rss:
+        r = await client.post("/predict", data=immich_form(OCR_ENTRIES, bomb))
+        assert r.status == 400
+        assert "megapixel limit" in (await r.json())["detail"]
+    assert rss.mb < 100, f"grew {rss.mb:.0f} MB decoding a {side}x{side} PNG"
+
+
+async def test_truncated_jpeg_is_400(client):
+    data = jpeg(render_text(["截断"], width=600))
+    r = await client.post("/predict", data=immich_form(OCR_ENTRIES, data[: len(data) // 2]))
+    assert r.status == 400 and "truncated" in (await r.json())["detail"]
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+async def test_other_image_formats_are_a_clear_400(client, fmt):
+    buf = io.BytesIO()
+    render_text(["格式"], width=300).save(buf, fmt)
+    r = await client.post("/predict", data=immich_form(OCR_ENTRIES, buf.getvalue()))
+    assert r.status == 400
+    detail = (await r.json())["detail"]
+    assert f"unsupported image format {fmt}" in detail and "JPEG, PNG, WebP" in detail
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+async def test_png_and_webp_previews_are_read(client, fmt):
+    img = render_text(["预览格式"], width=500)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 95} if fmt == "WEBP" else {}))
+    r = await client.post("/predict", data=immich_form(OCR_ENTRIES, buf.getvalue()))
+    assert r.status == 200
+    body = await r.json()
+    assert (body["imageWidth"], body["imageHeight"]) == img.size and "预览" in "".join(body["ocr"]["text"])
