@@ -18,11 +18,12 @@ from inference.ocr import OcrRequest
 from inference.pool import ModelPool, Priority
 from inference.runtime import ModelMissingError
 
+from .form import PredictForm, read_predict_form
 from .protocol import RequestError, clean_name, number, parse_entries, serialize_embedding
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 64 * 1024 * 1024
+MAX_BODY = 64 * 1024 * 1024  # Immich ML's own multipart spooling threshold; a preview is a few hundred KB
 
 
 @dataclass
@@ -31,6 +32,11 @@ class GatewayConfig:
     clip_model: str = "ViT-B-16"            # our cn-clip model (models dir name)
     clip_serve_as: list[str] = field(default_factory=lambda: ["ViT-B-32__openai", "ViT-B-16__openai"])
     upstream_url: str = ""
+    max_body: int = MAX_BODY                 # bytes of one /predict body, all fields together; more is a 413
+
+    def __post_init__(self):
+        if self.max_body <= 0:
+            raise ValueError(f"max_body must be a positive number of bytes, got {self.max_body}")
 
 
 def _json_error(status: int, detail) -> web.Response:
@@ -44,7 +50,7 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=self.config.max_body)
         app.router.add_get("/", self.root)
         app.router.add_get("/ping", self.ping)
         app.router.add_post("/predict", self.predict)
@@ -64,15 +70,17 @@ class Gateway:
     # --- /predict ---------------------------------------------------------------------------------------------
     async def predict(self, request: web.Request) -> web.Response:
         try:
-            form = await request.post()
+            form = await read_predict_form(request, self.config.max_body)
+        except RequestError as e:
+            return _json_error(e.status, e.detail)
         except Exception as e:
             return _json_error(400, f"could not read the multipart form: {e}")
         try:
-            entries = parse_entries(_form_text(form.get("entries")))
+            entries = parse_entries(form.entries)
             if self._needs_upstream(entries):
                 return await self._proxy(form)
-            image_bytes = _form_bytes(form.get("image"))
-            text = _form_text(form.get("text"))
+            image_bytes = form.image
+            text = form.text
             if image_bytes is None and text is None:
                 raise RequestError(400, "Either image or text must be provided")
             image = None
@@ -155,16 +163,16 @@ class Gateway:
                      "embedding": serialize_embedding(f.embedding), "score": float(f.score)} for f in faces]
         raise RequestError(400, f"unsupported task {task}")
 
-    async def _proxy(self, form) -> web.Response:
+    async def _proxy(self, form: PredictForm) -> web.Response:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300))
         data = aiohttp.FormData()
-        for key, value in form.items():
-            if isinstance(value, web.FileField):
-                data.add_field(key, value.file.read(), filename=value.filename or "blob",
-                               content_type=value.content_type)
-            else:
-                data.add_field(key, value)
+        data.add_field("entries", form.entries)
+        if form.image is not None:
+            data.add_field("image", form.image, filename=form.image_filename or "blob",
+                           content_type=form.image_content_type)
+        if form.text is not None:
+            data.add_field("text", form.text)
         url = self.config.upstream_url.rstrip("/") + "/predict"
         try:
             async with self._session.post(url, data=data) as resp:
@@ -173,20 +181,3 @@ class Gateway:
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             return _json_error(502, f"upstream Immich ML at {self.config.upstream_url} failed: {e}")
 
-
-def _form_text(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, web.FileField):
-        return value.file.read().decode("utf-8", errors="replace")
-    return str(value)
-
-
-def _form_bytes(value) -> bytes | None:
-    if value is None:
-        return None
-    if isinstance(value, web.FileField):
-        return value.file.read()
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    return str(value).encode()
