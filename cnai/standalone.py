@@ -15,7 +15,9 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
+# Only what the decoder reads (PIL without plugins): HEIC, AVIF, TIFF, BMP or GIF files would become assets whose
+# every job fails.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 LOCAL_USER_EMAIL = "cnai@localhost"
 
 
