@@ -232,7 +232,7 @@ async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event, rescan_s: fl
     """Import what is in `folder`, then follow changes. File events are hints, the folder is the truth: a full
     rescan runs once the watcher is up (closing the gap between the first scan and the watch) and every
     `rescan_s` after, so a missed event delays a photo, never loses it."""
-    from watchfiles import Change, awatch
+    from watchfiles import awatch
 
     folder.mkdir(parents=True, exist_ok=True)
     root = folder.resolve()
@@ -251,13 +251,15 @@ async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event, rescan_s: fl
                     await sync_folder(conn, root, state)
                     last_scan = now
                 continue
-            for change, raw in sorted(changes, key=lambda c: c[1]):
+            # the event says which path to look at, the file system says what happened to it (a file replaced
+            # by a rename may report "deleted" after "added" in one batch)
+            for raw in sorted({raw for _, raw in changes}):
                 path = Path(raw)
                 if not is_image(path):
                     continue
-                if change == Change.deleted:
-                    await remove_file(conn, owner, path, state)
-                else:
+                if os.path.exists(path):
                     await import_file(conn, owner, path, state)
+                else:
+                    await remove_file(conn, owner, path, state)
     finally:
         await conn.close()

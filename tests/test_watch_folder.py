@@ -1,6 +1,7 @@
 """The watch folder on a real PostgreSQL: one asset per file path, rescans that only stat, problems logged once."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import logging
@@ -9,8 +10,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnai.standalone import import_file, local_user, remove_file, sync_folder
+from cnai.standalone import import_file, local_user, remove_file, sync_folder, watch_folder
 from inference.images import decode_image
+from tests.conftest import wait_for
 
 
 def photo_bytes(color: str, fmt: str = "JPEG") -> bytes:
@@ -205,3 +207,33 @@ async def test_symlinked_folders_are_scanned_as_the_watcher_sees_them(db, photo_
     await sync_folder(db, photo_dir)
     assert await footprint(db) == first
 
+
+async def test_watcher_trusts_the_file_system_over_the_event(dsn, db, photo_dir):
+    """A photo deleted and written again within one debounce arrives as "deleted" and "added" in one batch, in
+    no set order: the watcher keeps the asset because the file is there."""
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(watch_folder(dsn, photo_dir, stop, rescan_s=3600))
+    photo, marker = photo_dir / "x.jpg", photo_dir / "zz.jpg"  # the marker sorts last in a batch
+
+    async def imported(path: Path):
+        return (await assets(db)).get(str(path))
+    try:
+        photo.write_bytes(photo_bytes("red"))
+        asset_id = await wait_for(lambda: imported(photo), timeout=30)
+        photo.unlink()
+        photo.write_bytes(photo_bytes("blue", "PNG"))
+        marker.write_bytes(photo_bytes("green"))
+        await wait_for(lambda: imported(marker), timeout=30)
+        assert await assets(db) == {str(photo): asset_id, str(marker): await imported(marker)}
+        stored = await db.fetchval('SELECT "fileModifiedAt" FROM asset WHERE id = $1', asset_id)
+        assert stored.timestamp() == photo.stat().st_mtime_ns // 1000 / 1e6  # the new file's
+
+        photo.unlink()
+        await wait_for(lambda: _gone(db, photo), timeout=30)
+    finally:
+        stop.set()
+        await asyncio.wait_for(watcher, 30)
+
+
+async def _gone(db, path: Path) -> bool:
+    return str(path) not in await assets(db)
