@@ -1,116 +1,265 @@
 """Standalone mode: photos dropped in a folder become Immich-style assets, so the triggers index them.
 
 Each image file gets an `asset` row (owned by a local user) and a `preview` row in `asset_file` pointing at the
-file itself, written the way Immich writes them. A changed file updates its preview row (re-indexing it); a
-removed file deletes its asset (and, by cascade, its results).
+file itself. As in Immich's external libraries, a file is identified by its path, not its bytes: the same photo at
+two paths is two assets, each deleted with its own file. A changed file (new size or mtime) updates its preview
+row (re-indexing it); a removed file deletes its asset (and, by cascade, its results); an unchanged one is
+neither read nor written, so a rescan costs a stat per file.
 """
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import os
+import stat
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".avif"}
+# Only what the decoder reads (PIL without plugins): HEIC, AVIF, TIFF, BMP or GIF files would become assets whose
+# every job fails.
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 LOCAL_USER_EMAIL = "cnai@localhost"
+# Immich's external libraries: checksum = sha1("path:" + path), so the (owner, checksum) key is one row per path
+PATH_CHECKSUM_ALGORITHM = "sha1-path"
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
+def path_checksum(path: str) -> bytes:
+    return hashlib.sha1(f"path:{path}".encode()).digest()
+
+
+def modified_at(st: os.stat_result) -> datetime:
+    """The file's mtime as Postgres stores it (microseconds), so a stored value compares equal."""
+    return EPOCH + timedelta(microseconds=st.st_mtime_ns // 1000)
+
+
+class WatchState:
+    """What one watching process remembers between rescans: the size and mtime of each file when last seen
+    imported (the asset records the mtime only, so a size change under an unchanged mtime is caught within a
+    process), and the problems already logged, so each is logged once rather than at every rescan."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[int, int]] = {}
+        self.problems: dict[str, str] = {}
+
+    def unchanged(self, path: str, st: os.stat_result, stored_mtime: datetime | None) -> bool:
+        stamp = (st.st_size, st.st_mtime_ns)
+        if stored_mtime != modified_at(st) or self.seen.get(path, stamp) != stamp:
+            return False
+        self.seen[path] = stamp
+        return True
+
+    def imported(self, path: str, st: os.stat_result) -> None:
+        self.seen[path] = (st.st_size, st.st_mtime_ns)
+        self.problems.pop(path, None)
+
+    def forget(self, path: str) -> None:
+        self.seen.pop(path, None)
+        self.problems.pop(path, None)
+
+    def report(self, path: str, problem: str) -> None:
+        if self.problems.get(path) != problem:
+            self.problems[path] = problem
+            log.warning("cannot import %s: %s (retried at every rescan, logged once)", path, problem)
+
+
+def asset_path(path: Path) -> str:
+    """The path an asset is known by: absolute, but symlinks kept, since a file path is the asset's identity."""
+    return os.path.abspath(path)
+
+
+def scan_folder(root: Path) -> tuple[dict[str, os.stat_result], dict[str, str]]:
+    """Every image file under `root` with its stat (one per file), following symlinked folders but never round a
+    loop, and what could not be read (path → reason)."""
+    found: dict[str, os.stat_result] = {}
+    problems: dict[str, str] = {}
+    pending = [(str(root), frozenset())]
+    while pending:
+        folder, ancestors = pending.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in ancestors:
+                continue  # a symlink back up the tree
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            problems[folder] = e.strerror or str(e)
+            continue
+        inside = ancestors | {(st.st_dev, st.st_ino)}
+        for entry in entries:
+            try:
+                if entry.is_dir():
+                    pending.append((entry.path, inside))
+                elif entry.is_file() and is_image(Path(entry.name)):
+                    found[entry.path] = entry.stat()
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                problems[entry.path] = e.strerror or str(e)
+    return found, problems
+
+
 async def local_user(conn: asyncpg.Connection) -> object:
-    return await conn.fetchval(
+    # read first: an upsert would rewrite the user row at every rescan
+    return await conn.fetchval('SELECT id FROM "user" WHERE email = $1', LOCAL_USER_EMAIL) or await conn.fetchval(
         """INSERT INTO "user" (email, name) VALUES ($1, 'cnai') ON CONFLICT (email) DO UPDATE SET email = excluded.email
            RETURNING id""", LOCAL_USER_EMAIL)
 
 
-async def import_file(conn: asyncpg.Connection, owner, path: Path) -> object | None:
-    """Create or refresh the asset for one file. Returns its id, or None if the file vanished."""
-    path = path.resolve()
+async def import_file(conn: asyncpg.Connection, owner, path: Path, state: WatchState | None = None,
+                      st: os.stat_result | None = None) -> object | None:
+    """Create or refresh the asset for one file. Returns its id, or None if it is gone or could not be imported
+    (logged once in `state`). A file whose size and mtime are unchanged is not written."""
+    state = state or WatchState()
+    key = asset_path(path)
+    checksum = path_checksum(key)
     try:
-        data = await asyncio.get_running_loop().run_in_executor(None, path.read_bytes)
-    except (FileNotFoundError, IsADirectoryError):
-        return None
-    checksum = hashlib.sha1(data).digest()
-    async with conn.transaction():
-        row = await conn.fetchrow('SELECT id, checksum FROM asset WHERE "originalPath" = $1 AND "ownerId" = $2',
-                                  str(path), owner)
-        if row and row["checksum"] == checksum:
+        st = st or os.stat(key)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        row = await conn.fetchrow('SELECT id, "fileModifiedAt" FROM asset WHERE "ownerId" = $1 AND checksum = $2',
+                                  owner, checksum)
+        if row and state.unchanged(key, st, row["fileModifiedAt"]):
             return row["id"]
-        if row:
-            asset_id = row["id"]
-            await conn.execute('UPDATE asset SET checksum = $2, "updatedAt" = now() WHERE id = $1', asset_id, checksum)
-        else:
+        with open(key, "rb"):  # an asset for a file nobody can read would only collect failed jobs
+            pass
+        mtime = modified_at(st)
+        async with conn.transaction():
             asset_id = await conn.fetchval(
-                """INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
-                   VALUES ($1, $2, $3, $4)
-                   ON CONFLICT ("ownerId", checksum) DO UPDATE SET "originalPath" = excluded."originalPath"
-                   RETURNING id""", owner, str(path), path.name, checksum)
-        # as Immich does: one upsert per asset; an unchanged path still counts as a new preview
-        await conn.execute(
-            """INSERT INTO asset_file ("assetId", type, path, "isEdited") VALUES ($1, 'preview', $2, false)
-               ON CONFLICT ("assetId", type, "isEdited") DO UPDATE SET path = excluded.path, "updatedAt" = now()""",
-            asset_id, str(path))
-    log.info("imported %s", path)
+                """INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum, "checksumAlgorithm",
+                                      "isExternal", "fileCreatedAt", "fileModifiedAt", "localDateTime")
+                   VALUES ($1, $2, $3, $4, $5, true, $6, $6, $6)
+                   ON CONFLICT ("ownerId", checksum)
+                   DO UPDATE SET "fileModifiedAt" = excluded."fileModifiedAt", "updatedAt" = now()
+                   RETURNING id""", owner, key, os.path.basename(key), checksum, PATH_CHECKSUM_ALGORITHM, mtime)
+            # as Immich does: one upsert per asset; an unchanged path still counts as a new preview
+            await conn.execute(
+                """INSERT INTO asset_file ("assetId", type, path, "isEdited") VALUES ($1, 'preview', $2, false)
+                   ON CONFLICT ("assetId", type, "isEdited") DO UPDATE SET path = excluded.path, "updatedAt" = now()""",
+                asset_id, key)
+    except FileNotFoundError:
+        state.forget(key)
+        return None
+    except OSError as e:
+        state.report(key, e.strerror or str(e))
+        return None
+    except asyncpg.PostgresError as e:
+        state.report(key, str(e))
+        return None
+    state.imported(key, st)
+    log.info("imported %s", key)
     return asset_id
 
 
-async def remove_file(conn: asyncpg.Connection, owner, path: Path) -> None:
-    deleted = await conn.execute('DELETE FROM asset WHERE "originalPath" = $1 AND "ownerId" = $2',
-                                 str(path.resolve()), owner)
+async def remove_file(conn: asyncpg.Connection, owner, path: Path, state: WatchState | None = None) -> None:
+    key = asset_path(path)
+    if state:
+        state.forget(key)
+    deleted = await conn.execute('DELETE FROM asset WHERE "ownerId" = $1 AND checksum = $2',
+                                 owner, path_checksum(key))
     if deleted != "DELETE 0":
-        log.info("removed %s", path)
+        log.info("removed %s", key)
 
 
-async def sync_folder(conn: asyncpg.Connection, folder: Path) -> None:
+async def adopt_content_checksum(conn: asyncpg.Connection, asset_id, path: str, checksum: bytes,
+                                 st: os.stat_result | None) -> datetime | None:
+    """An asset imported by content checksum (before assets were one per path) takes its path's checksum. If its
+    file still holds the bytes it was imported from, it records the file's mtime and keeps its results; otherwise
+    the import that follows re-indexes it. Returns the mtime now recorded (None: left for that import)."""
+    mtime = None
+    if st is not None:
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, Path(path).read_bytes)
+            mtime = modified_at(st) if hashlib.sha1(data).digest() == checksum else None
+        except OSError:
+            pass
+    await conn.execute(
+        """UPDATE asset SET checksum = $2, "checksumAlgorithm" = $3, "isExternal" = true,
+                            "fileModifiedAt" = coalesce($4, "fileModifiedAt")
+           WHERE id = $1""", asset_id, path_checksum(path), PATH_CHECKSUM_ALGORITHM, mtime)
+    return mtime
+
+
+async def sync_folder(conn: asyncpg.Connection, folder: Path, state: WatchState | None = None) -> None:
+    """Make the local user's assets under `folder` match its image files."""
+    state = state or WatchState()
     owner = await local_user(conn)
-    present = {p.resolve() for p in folder.rglob("*") if p.is_file() and is_image(p)}
-    known = {Path(r["originalPath"]) for r in await conn.fetch(
-        'SELECT "originalPath" FROM asset WHERE "ownerId" = $1', owner)}
-    for path in sorted(present):
-        await import_file(conn, owner, path)
     root = folder.resolve()
-    for path in known - present:
-        if root in path.parents:
-            await remove_file(conn, owner, path)
+    present, problems = await asyncio.get_running_loop().run_in_executor(None, scan_folder, root)
+    for path, problem in problems.items():
+        state.report(path, problem)
+    known = {}
+    for r in await conn.fetch('SELECT id, "originalPath", "fileModifiedAt", checksum, "checksumAlgorithm" '
+                              'FROM asset WHERE "ownerId" = $1', owner):
+        path = r["originalPath"]
+        if root not in Path(path).parents:
+            continue
+        stored_mtime = r["fileModifiedAt"]
+        if r["checksumAlgorithm"] != PATH_CHECKSUM_ALGORITHM:
+            stored_mtime = await adopt_content_checksum(conn, r["id"], path, r["checksum"], present.get(path))
+        known[path] = (r["id"], stored_mtime)
+    for path in sorted(present):
+        st = present[path]
+        if path in known and state.unchanged(path, st, known[path][1]):
+            continue
+        await import_file(conn, owner, Path(path), state, st)
+    # a file that could not be read, or lies in a folder that could not be listed, may still be there
+    unreadable = [Path(p) for p in problems]
+    gone = [(path, asset_id) for path, (asset_id, _) in known.items()
+            if path not in present and not any(u == Path(path) or u in Path(path).parents for u in unreadable)]
+    if gone:
+        await conn.execute("DELETE FROM asset WHERE id = ANY($1::uuid[])", [asset_id for _, asset_id in gone])
+        for path, _ in gone:
+            state.forget(path)
+            log.info("removed %s", path)
+    # a problem that went away is logged again if it comes back
+    for path in set(state.problems) - set(problems) - set(present):
+        del state.problems[path]
 
 
 async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event, rescan_s: float = 60.0) -> None:
     """Import what is in `folder`, then follow changes. File events are hints, the folder is the truth: a full
     rescan runs once the watcher is up (closing the gap between the first scan and the watch) and every
     `rescan_s` after, so a missed event delays a photo, never loses it."""
-    from watchfiles import Change, awatch
+    from watchfiles import awatch
 
     folder.mkdir(parents=True, exist_ok=True)
+    root = folder.resolve()
+    state = WatchState()
     conn = await asyncpg.connect(dsn)
     try:
-        await sync_folder(conn, folder)
+        await sync_folder(conn, root, state)
         owner = await local_user(conn)
-        log.info("watching %s for photos", folder)
+        log.info("watching %s for photos", root)
         last_scan = None
-        async for changes in awatch(folder, stop_event=stop, debounce=500, recursive=True,
+        async for changes in awatch(root, stop_event=stop, debounce=500, recursive=True,
                                     rust_timeout=1000, yield_on_timeout=True):
             now = asyncio.get_running_loop().time()
             if not changes:
                 if last_scan is None or now - last_scan >= rescan_s:
-                    await sync_folder(conn, folder)
+                    await sync_folder(conn, root, state)
                     last_scan = now
                 continue
-            for change, raw in sorted(changes, key=lambda c: c[1]):
+            # the event says which path to look at, the file system says what happened to it (a file replaced
+            # by a rename may report "deleted" after "added" in one batch)
+            for raw in sorted({raw for _, raw in changes}):
                 path = Path(raw)
                 if not is_image(path):
                     continue
-                try:
-                    if change == Change.deleted:
-                        await remove_file(conn, owner, path)
-                    elif path.is_file():
-                        await import_file(conn, owner, path)
-                except asyncpg.PostgresError as e:
-                    log.error("could not import %s: %s", path, e)
+                if os.path.exists(path):
+                    await import_file(conn, owner, path, state)
+                else:
+                    await remove_file(conn, owner, path, state)
     finally:
         await conn.close()
