@@ -18,11 +18,10 @@ from pathlib import Path
 
 import asyncpg
 
+from inference.images import DECODABLE_SUFFIXES
+
 log = logging.getLogger(__name__)
 
-# Only what the decoder reads (PIL without plugins): HEIC, AVIF, TIFF, BMP or GIF files would become assets whose
-# every job fails.
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 LOCAL_USER_EMAIL = "cnai@localhost"
 # Immich's external libraries: checksum = sha1("path:" + path), so the (owner, checksum) key is one row per path
 PATH_CHECKSUM_ALGORITHM = "sha1-path"
@@ -30,7 +29,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+    # only what the decoder reads: other files would become assets whose every job fails
+    return path.suffix.lower() in DECODABLE_SUFFIXES and not path.name.startswith(".")
 
 
 def path_checksum(path: str) -> bytes:
