@@ -101,8 +101,8 @@ async def mirror_clip_to_immich(conn, settings: Settings) -> bool:
 
 def build_handlers(settings: Settings, mirror_clip: bool = False) -> dict:
     return {
-        "ocr": OcrHandler("ocr", "ocr", settings.ocr_det_min_score, settings.ocr_rec_min_score,
-                          settings.ocr_max_resolution, model_name="rapidocr"),
+        "ocr": OcrHandler("ocr", "ocr", model_name="rapidocr", det_min_score=settings.ocr_det_min_score,
+                          rec_min_score=settings.ocr_rec_min_score, max_resolution=settings.ocr_max_resolution),
         "clip": ClipHandler("clip", f"clip-visual:{settings.clip_model}", model_name=f"cn-clip/{settings.clip_model}",
                             mirror_to_smart_search=mirror_clip),
         "face": FaceHandler("face", f"face:{settings.face_model}", model_name=settings.face_model,

@@ -23,11 +23,18 @@ def vector_literal(values) -> str:
 class TaskHandler:
     task: str
     model_key: str
+    # the install's model for this task, recorded in cnai.task_run with every result: `cnai backfill` compares it
+    model_name: str = ""
 
     def request(self, image: Image.Image) -> Any:
         return image
 
     async def write(self, conn: asyncpg.Connection, asset_id, image: Image.Image, output: Any) -> None:
+        """Write the result and record that the task ran, both in the caller's transaction (the batch's)."""
+        await self.write_result(conn, asset_id, image, output)
+        await conn.execute("SELECT cnai.record_task_run($1, $2, $3)", asset_id, self.task, self.model_name)
+
+    async def write_result(self, conn: asyncpg.Connection, asset_id, image: Image.Image, output: Any) -> None:
         raise NotImplementedError
 
 
@@ -36,12 +43,11 @@ class OcrHandler(TaskHandler):
     det_min_score: float = 0.5
     rec_min_score: float = 0.8
     max_resolution: int = 736
-    model_name: str = ""
 
     def request(self, image: Image.Image) -> OcrRequest:
         return OcrRequest(image, self.det_min_score, self.rec_min_score, self.max_resolution)
 
-    async def write(self, conn, asset_id, image, output: OcrResult) -> None:
+    async def write_result(self, conn, asset_id, image, output: OcrResult) -> None:
         lines = [{"text": ln.text, "box": ln.box, "box_score": ln.box_score, "text_score": ln.text_score}
                  for ln in output.lines]
         # a photo without text still gets a row: "no text" is a result, and it must replace old text
@@ -54,11 +60,10 @@ class OcrHandler(TaskHandler):
 
 @dataclass
 class ClipHandler(TaskHandler):
-    model_name: str = ""
     # Immich model name whose smart_search column we may also fill (same model served by our gateway)
     mirror_to_smart_search: bool = False
 
-    async def write(self, conn, asset_id, image, output) -> None:
+    async def write_result(self, conn, asset_id, image, output) -> None:
         vec = vector_literal(output)
         await conn.execute(
             """INSERT INTO cnai.clip (asset_id, model, embedding, updated_at) VALUES ($1, $2, $3::vector, now())
@@ -73,13 +78,12 @@ class ClipHandler(TaskHandler):
 
 @dataclass
 class FaceHandler(TaskHandler):
-    model_name: str = ""
     min_score: float = 0.7
 
     def request(self, image: Image.Image):
         return (image, self.min_score)
 
-    async def write(self, conn, asset_id, image, output) -> None:
+    async def write_result(self, conn, asset_id, image, output) -> None:
         # replace the asset's faces atomically (we are inside the batch's transaction)
         await conn.execute("DELETE FROM cnai.face WHERE asset_id = $1", asset_id)
         if output:
