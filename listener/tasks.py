@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -60,8 +60,10 @@ class OcrHandler(TaskHandler):
 
 @dataclass
 class ClipHandler(TaskHandler):
-    # Immich model name whose smart_search column we may also fill (same model served by our gateway)
-    mirror_to_smart_search: bool = False
+    # Immich CLIP model names our gateway answers with this model: while Immich asks for one of them (checked once
+    # per batch), results also fill Immich's smart_search. Empty: never.
+    smart_search_names: tuple[str, ...] = ()
+    smart_search_failures: int = field(default=0, init=False, repr=False)
 
     async def write_result(self, conn, asset_id, image, output) -> None:
         vec = vector_literal(output)
@@ -70,10 +72,21 @@ class ClipHandler(TaskHandler):
                ON CONFLICT (asset_id) DO UPDATE
                  SET model = excluded.model, embedding = excluded.embedding, updated_at = now()""",
             asset_id, self.model_name, vec)
-        if self.mirror_to_smart_search:
-            await conn.execute(
-                """INSERT INTO smart_search ("assetId", embedding) VALUES ($1, $2::vector)
-                   ON CONFLICT ("assetId") DO UPDATE SET embedding = excluded.embedding""", asset_id, vec)
+        if self.smart_search_names:
+            await self._mirror_to_smart_search(conn, asset_id, vec)
+
+    async def _mirror_to_smart_search(self, conn, asset_id, vec: str) -> None:
+        try:
+            # a savepoint: Immich may be resizing the column or dropping rows right now; whatever fails here
+            # never takes the cnai.clip write with it
+            async with conn.transaction():
+                await conn.execute("SELECT cnai.mirror_to_smart_search($1, $2::vector, $3)", asset_id, vec,
+                                   list(self.smart_search_names))
+        except asyncpg.PostgresError as e:
+            self.smart_search_failures += 1
+            if self.smart_search_failures == 1 or self.smart_search_failures % 100 == 0:
+                log.warning("could not write a CLIP result to Immich's smart_search (%s; %d time(s) so far); "
+                            "cnai.clip has it", e, self.smart_search_failures)
 
 
 @dataclass
