@@ -181,24 +181,17 @@ async def cmd_reprocess(args, settings):
 
 async def cmd_backfill(args, settings):
     import asyncpg
+
+    from .wiring import build_handlers
     dsn = await _prepare(args, settings)
+    handlers = build_handlers(settings)
     conn = await asyncpg.connect(dsn)
-    tasks = args.task or list(TASKS)
-    result_table = {"ocr": "cnai.ocr", "clip": "cnai.clip", "face": "cnai.face"}
     try:
-        for task in tasks:
-            missing = "" if args.force else f"AND NOT EXISTS (SELECT 1 FROM {result_table[task]} r WHERE r.asset_id = a.id)"
-            n = await conn.fetchval(f"""
-                WITH ins AS (
-                  INSERT INTO cnai.job (asset_id, task)
-                  SELECT a.id, $1 FROM asset a
-                   WHERE a."deletedAt" IS NULL
-                     AND EXISTS (SELECT 1 FROM asset_file f WHERE f."assetId" = a.id AND f.type::text = 'preview')
-                     {missing}
-                  ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING RETURNING 1)
-                SELECT count(*) FROM ins""", task)
+        for task in args.task or list(TASKS):
+            # missing: never ran, or ran with another model than the one this install's handler records
+            n = await conn.fetchval("SELECT cnai.queue_missing($1, $2, $3)", task, handlers[task].model_name,
+                                    args.force)
             print(f"{task}: queued {n}")
-        await conn.execute("SELECT pg_notify('cnai_job', 'backfill')")
     finally:
         await conn.close()
 

@@ -1,7 +1,6 @@
 """Builds the parts from settings: one model pool, the task handlers, the gateway and the listener."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -15,9 +14,6 @@ from listener.worker import Listener, ListenerConfig
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Immich's default CLIP model when system-config has no clip.modelName.
-IMMICH_DEFAULT_CLIP = "ViT-B-32__openai"
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -78,33 +74,23 @@ def build_gateway(pool: ModelPool, settings: Settings) -> Gateway:
 
 async def immich_clip_model(conn) -> str:
     """The CLIP model Immich is configured to use (system-config JSON), or its default."""
-    row = await conn.fetchval("SELECT value FROM system_metadata WHERE key = 'system-config'")
-    if row:
-        cfg = json.loads(row) if isinstance(row, str) else row
-        name = ((cfg.get("machineLearning") or {}).get("clip") or {}).get("modelName")
-        if name:
-            return name.split("/")[-1]
-    return IMMICH_DEFAULT_CLIP
+    return await conn.fetchval("SELECT cnai.immich_clip_model()")
 
 
 async def mirror_clip_to_immich(conn, settings: Settings) -> bool:
-    """Fill smart_search too only when Immich's CLIP model is one our gateway answers with the same cn-clip model
-    and the column has our dimension: never mix vectors of two models in one column."""
-    name = await immich_clip_model(conn)
-    if name not in settings.clip_serve_as:
-        return False
-    dim = await conn.fetchval(
-        """SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass('smart_search')
-            AND a.attname = 'embedding'""")
-    return dim == 512
+    """Whether CLIP results may fill smart_search too right now: Immich's CLIP model is one our gateway answers with
+    the same cn-clip model, and the column has our dimension (never mix two models' vectors in one column). The
+    listener re-checks this in every batch, as Immich's model can change while cnai runs."""
+    return await conn.fetchval("SELECT cnai.smart_search_mirror_ok($1)", settings.clip_serve_as)
 
 
 def build_handlers(settings: Settings, mirror_clip: bool = False) -> dict:
+    """mirror_clip: let CLIP results fill Immich's smart_search too, in the batches where Immich's model allows it."""
     return {
-        "ocr": OcrHandler("ocr", "ocr", settings.ocr_det_min_score, settings.ocr_rec_min_score,
-                          settings.ocr_max_resolution, model_name="rapidocr"),
+        "ocr": OcrHandler("ocr", "ocr", model_name="rapidocr", det_min_score=settings.ocr_det_min_score,
+                          rec_min_score=settings.ocr_rec_min_score, max_resolution=settings.ocr_max_resolution),
         "clip": ClipHandler("clip", f"clip-visual:{settings.clip_model}", model_name=f"cn-clip/{settings.clip_model}",
-                            mirror_to_smart_search=mirror_clip),
+                            smart_search_names=tuple(settings.clip_serve_as) if mirror_clip else ()),
         "face": FaceHandler("face", f"face:{settings.face_model}", model_name=settings.face_model,
                             min_score=settings.face_min_score),
     }

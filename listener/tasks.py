@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -23,11 +23,18 @@ def vector_literal(values) -> str:
 class TaskHandler:
     task: str
     model_key: str
+    # the install's model for this task, recorded in cnai.task_run with every result: `cnai backfill` compares it
+    model_name: str = ""
 
     def request(self, image: Image.Image) -> Any:
         return image
 
     async def write(self, conn: asyncpg.Connection, asset_id, image: Image.Image, output: Any) -> None:
+        """Write the result and record that the task ran, both in the caller's transaction (the batch's)."""
+        await self.write_result(conn, asset_id, image, output)
+        await conn.execute("SELECT cnai.record_task_run($1, $2, $3)", asset_id, self.task, self.model_name)
+
+    async def write_result(self, conn: asyncpg.Connection, asset_id, image: Image.Image, output: Any) -> None:
         raise NotImplementedError
 
 
@@ -36,12 +43,11 @@ class OcrHandler(TaskHandler):
     det_min_score: float = 0.5
     rec_min_score: float = 0.8
     max_resolution: int = 736
-    model_name: str = ""
 
     def request(self, image: Image.Image) -> OcrRequest:
         return OcrRequest(image, self.det_min_score, self.rec_min_score, self.max_resolution)
 
-    async def write(self, conn, asset_id, image, output: OcrResult) -> None:
+    async def write_result(self, conn, asset_id, image, output: OcrResult) -> None:
         lines = [{"text": ln.text, "box": ln.box, "box_score": ln.box_score, "text_score": ln.text_score}
                  for ln in output.lines]
         # a photo without text still gets a row: "no text" is a result, and it must replace old text
@@ -54,32 +60,43 @@ class OcrHandler(TaskHandler):
 
 @dataclass
 class ClipHandler(TaskHandler):
-    model_name: str = ""
-    # Immich model name whose smart_search column we may also fill (same model served by our gateway)
-    mirror_to_smart_search: bool = False
+    # Immich CLIP model names our gateway answers with this model: while Immich asks for one of them (checked once
+    # per batch), results also fill Immich's smart_search. Empty: never.
+    smart_search_names: tuple[str, ...] = ()
+    smart_search_failures: int = field(default=0, init=False, repr=False)
 
-    async def write(self, conn, asset_id, image, output) -> None:
+    async def write_result(self, conn, asset_id, image, output) -> None:
         vec = vector_literal(output)
         await conn.execute(
             """INSERT INTO cnai.clip (asset_id, model, embedding, updated_at) VALUES ($1, $2, $3::vector, now())
                ON CONFLICT (asset_id) DO UPDATE
                  SET model = excluded.model, embedding = excluded.embedding, updated_at = now()""",
             asset_id, self.model_name, vec)
-        if self.mirror_to_smart_search:
-            await conn.execute(
-                """INSERT INTO smart_search ("assetId", embedding) VALUES ($1, $2::vector)
-                   ON CONFLICT ("assetId") DO UPDATE SET embedding = excluded.embedding""", asset_id, vec)
+        if self.smart_search_names:
+            await self._mirror_to_smart_search(conn, asset_id, vec)
+
+    async def _mirror_to_smart_search(self, conn, asset_id, vec: str) -> None:
+        try:
+            # a savepoint: Immich may be resizing the column or dropping rows right now; whatever fails here
+            # never takes the cnai.clip write with it
+            async with conn.transaction():
+                await conn.execute("SELECT cnai.mirror_to_smart_search($1, $2::vector, $3)", asset_id, vec,
+                                   list(self.smart_search_names))
+        except asyncpg.PostgresError as e:
+            self.smart_search_failures += 1
+            if self.smart_search_failures == 1 or self.smart_search_failures % 100 == 0:
+                log.warning("could not write a CLIP result to Immich's smart_search (%s; %d time(s) so far); "
+                            "cnai.clip has it", e, self.smart_search_failures)
 
 
 @dataclass
 class FaceHandler(TaskHandler):
-    model_name: str = ""
     min_score: float = 0.7
 
     def request(self, image: Image.Image):
         return (image, self.min_score)
 
-    async def write(self, conn, asset_id, image, output) -> None:
+    async def write_result(self, conn, asset_id, image, output) -> None:
         # replace the asset's faces atomically (we are inside the batch's transaction)
         await conn.execute("DELETE FROM cnai.face WHERE asset_id = $1", asset_id)
         if output:

@@ -128,7 +128,11 @@ def test_backfill_queues_only_what_lacks_results(embedded_home):
                                    a, f"/p/{i}.jpg")
                 ids.append(a)
             await conn.execute("DELETE FROM cnai.job")  # as if the work had been done and pruned
-            await conn.execute("INSERT INTO cnai.ocr (asset_id, text, lines, model) VALUES ($1, 'x', '[]', 't')", ids[0])
+            # OCR ran on the first with the install's model, on the second with another one
+            await conn.execute("INSERT INTO cnai.task_run (asset_id, task, model) VALUES ($1, 'ocr', 'rapidocr')",
+                               ids[0])
+            await conn.execute("INSERT INTO cnai.task_run (asset_id, task, model) VALUES ($1, 'ocr', 'old-ocr')",
+                               ids[1])
         finally:
             await conn.close()
 
