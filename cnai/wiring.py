@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 
 from gateway.app import Gateway, GatewayConfig
+from gateway.immich_models import IMMICH_DEFAULT_CLIP, IMMICH_FACE_MODELS
+from gateway.protocol import clean_name
 from inference.ocr import OcrModel
 from inference.pool import ModelPool
 from inference.runtime import RuntimeOptions
@@ -15,9 +17,6 @@ from listener.worker import Listener, ListenerConfig
 from .settings import Settings
 
 log = logging.getLogger(__name__)
-
-# Immich's default CLIP model when system-config has no clip.modelName.
-IMMICH_DEFAULT_CLIP = "ViT-B-32__openai"
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -54,7 +53,7 @@ def build_pool(settings: Settings) -> ModelPool:
             from inference.face import FaceModel, find_face_pack
             return FaceModel(find_face_pack(settings.models_dir, self.name), rt)
 
-    for name in {settings.face_model, "buffalo_l", "buffalo_m", "buffalo_s", "antelopev2"}:
+    for name in {settings.face_model, *IMMICH_FACE_MODELS}:
         pool.register(f"face:{name}", _FaceFactory(name))
     return pool
 
@@ -83,7 +82,7 @@ async def immich_clip_model(conn) -> str:
         cfg = json.loads(row) if isinstance(row, str) else row
         name = ((cfg.get("machineLearning") or {}).get("clip") or {}).get("modelName")
         if name:
-            return name.split("/")[-1]
+            return clean_name(name)
     return IMMICH_DEFAULT_CLIP
 
 

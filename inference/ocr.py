@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from .defaults import OCR_DET_MIN_SCORE, OCR_MAX_RESOLUTION, OCR_REC_MIN_SCORE_CONFIGURED
+
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 32  # Immich ML returns nothing for images narrower or shorter than this
@@ -20,9 +22,9 @@ MIN_SIDE = 32  # Immich ML returns nothing for images narrower or shorter than t
 @dataclass
 class OcrRequest:
     image: Image.Image
-    det_min_score: float = 0.5
-    rec_min_score: float = 0.8
-    max_resolution: int = 736
+    det_min_score: float = OCR_DET_MIN_SCORE
+    rec_min_score: float = OCR_REC_MIN_SCORE_CONFIGURED
+    max_resolution: int = OCR_MAX_RESOLUTION
 
 
 @dataclass

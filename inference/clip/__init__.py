@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..defaults import CLIP_MODEL as DEFAULT_ARCH
 from ..runtime import ModelMissingError, RuntimeOptions, create_session
 from .preprocess import MEAN, STD, preprocess_image
 from .tokenizer import ClipTokenizer
@@ -23,7 +24,6 @@ __all__ = ["ClipVisual", "ClipTextual", "find_clip_model", "list_clip_models", "
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARCH = "ViT-B-16"
 _ARCH_NAMES = ("ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50")  # kept in step with export.ARCHES
 
 

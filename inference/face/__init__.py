@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..defaults import FACE_MIN_SCORE as DEFAULT_MIN_SCORE
 from ..runtime import RuntimeOptions, create_session
 from .detect import SCRFD, Detections
 from .pack import FacePack, find_face_pack
@@ -21,8 +22,6 @@ from .recognize import ArcFace
 __all__ = ["Face", "FaceModel", "FacePack", "find_face_pack", "DEFAULT_MIN_SCORE"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MIN_SCORE = 0.7  # Immich's default minScore
 
 
 @dataclass
