@@ -27,9 +27,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
 def build_pool(settings: Settings) -> ModelPool:
     pool = ModelPool(idle_unload_s=settings.idle_unload_s)
     rt = runtime_options(settings)
-    use_cuda = any(p.lower() in ("cuda", "tensorrt", "trt") for p in settings.providers)
-    pool.register("ocr", lambda: OcrModel(max_batch=4, intra_op_threads=settings.intra_op_threads or -1,
-                                          use_cuda=use_cuda))
+    pool.register("ocr", lambda: OcrModel(rt, max_batch=4))
 
     def clip_dir() -> Path:
         return settings.models_dir / "clip" / settings.clip_model
