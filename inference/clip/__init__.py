@@ -87,6 +87,7 @@ class _ClipEncoder(InferenceModel):
 
     @property
     def embed_dim(self) -> int:
+        """The embedding size, from config.json; once loaded, the graph's output agrees with it."""
         return int(self.config["embed_dim"])
 
     def _load(self) -> None:
@@ -94,6 +95,10 @@ class _ClipEncoder(InferenceModel):
         rel = cfg.get(self.part, {}).get("file", f"{self.part}/model.onnx")
         self._prepare(cfg)
         session = self.session(self.model_dir / rel, _hint(self.model_dir.parent.parent, self.name))
+        graph_dim = session.get_outputs()[0].shape[-1]
+        if isinstance(graph_dim, int) and graph_dim != self.embed_dim:
+            raise ValueError(f"{self.model_dir / rel} returns {graph_dim}-d embeddings but "
+                             f"{self.model_dir / 'config.json'} says embed_dim {self.embed_dim}: re-import the model")
         self._session = session
         self._input = session.get_inputs()[0].name
 
