@@ -167,7 +167,7 @@ async def main() -> None:
     results.append(await bench_model("clip-textual:ViT-B-16", lambda: ClipTextual(clip_dir, rt, max_batch=32), texts,
                                      [1, 8, 32]))
     ocr_items = [OcrRequest(im) for im in imgs[: max(8, args.images // 4)]]
-    results.append(await bench_model("ocr", lambda: OcrModel(max_batch=4), ocr_items, [1, 4], callers=(1, 8)))
+    results.append(await bench_model("ocr", lambda: OcrModel(rt, max_batch=4), ocr_items, [1, 4], callers=(1, 8)))
     pack, pack_label = face_pack(args.models_dir)
     if pack_label == "buffalo_l":
         face_items = [(im, 0.7) for im in imgs]

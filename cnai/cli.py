@@ -85,7 +85,8 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
     import asyncpg
     from aiohttp import web
 
-    from .wiring import build_gateway, build_listener, build_pool, mirror_clip_to_immich, preload_keys
+    from .wiring import (build_gateway, build_listener, build_pool, mirror_clip_to_immich, preload_keys,
+                         refuse_bad_clip_setup)
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -104,6 +105,7 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
             if err:
                 log.warning("%s is not available: %s (its jobs will fail with this reason; others keep working)",
                             key, err)
+    await refuse_bad_clip_setup(pool, settings, serving=gateway)
     lst = None
     if listener:
         conn = await asyncpg.connect(dsn)
@@ -342,6 +344,10 @@ async def cmd_doctor(args, settings):
 
 async def cmd_import_clip(args, settings):
     from inference.clip.export import import_checkpoint
+
+    from .wiring import clip_import_note
+    if note := clip_import_note(args.arch):
+        print(note, file=sys.stderr, flush=True)
     out = await asyncio.get_running_loop().run_in_executor(
         None, lambda: import_checkpoint(Path(args.checkpoint), args.arch, settings.models_dir, name=args.name))
     print(f"exported {args.arch} to {out}; serve it with CNAI_CLIP_MODEL={out.name}")

@@ -5,6 +5,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_DEFAULT_FACE
+from gateway.protocol import clean_name
+from inference import defaults
+
 
 def _env(name: str, default: str = "") -> str:
     return os.environ.get(name, default)
@@ -43,15 +47,21 @@ class Settings:
         p.strip() for p in _env("CNAI_PROVIDERS", "cpu").split(",") if p.strip()])
     intra_op_threads: int = field(default_factory=lambda: _int("CNAI_INTRA_OP_THREADS", 0))
     # models
-    clip_model: str = field(default_factory=lambda: _env("CNAI_CLIP_MODEL", "ViT-B-16"))
-    # Immich CLIP names answered with our cn-clip model (512-d names only: Immich sizes its column by name)
+    clip_model: str = field(default_factory=lambda: _env("CNAI_CLIP_MODEL", defaults.CLIP_MODEL))
+    # Immich CLIP names answered with our cn-clip model (512-d names only: Immich sizes its column by name),
+    # written as Immich writes them or as its config holds them (immich-app/ViT-B-32__openai)
     clip_serve_as: list[str] = field(default_factory=lambda: [
-        n.strip() for n in _env("CNAI_CLIP_SERVE_AS", "ViT-B-32__openai,ViT-B-16__openai").split(",") if n.strip()])
-    face_model: str = field(default_factory=lambda: _env("CNAI_FACE_MODEL", "buffalo_l"))
-    face_min_score: float = field(default_factory=lambda: _float("CNAI_FACE_MIN_SCORE", 0.7))
-    ocr_det_min_score: float = field(default_factory=lambda: _float("CNAI_OCR_MIN_DETECTION_SCORE", 0.5))
-    ocr_rec_min_score: float = field(default_factory=lambda: _float("CNAI_OCR_MIN_RECOGNITION_SCORE", 0.8))
-    ocr_max_resolution: int = field(default_factory=lambda: _int("CNAI_OCR_MAX_RESOLUTION", 736))
+        clean_name(n.strip()) for n in _env("CNAI_CLIP_SERVE_AS", ",".join(DEFAULT_CLIP_SERVE_AS)).split(",")
+        if n.strip()])
+    face_model: str = field(default_factory=lambda: clean_name(_env("CNAI_FACE_MODEL", IMMICH_DEFAULT_FACE).strip()))
+    face_min_score: float = field(default_factory=lambda: _float("CNAI_FACE_MIN_SCORE", defaults.FACE_MIN_SCORE))
+    # the listener asks what Immich's server asks by default, so its results match Immich's own
+    ocr_det_min_score: float = field(default_factory=lambda: _float("CNAI_OCR_MIN_DETECTION_SCORE",
+                                                                    defaults.OCR_DET_MIN_SCORE))
+    ocr_rec_min_score: float = field(default_factory=lambda: _float("CNAI_OCR_MIN_RECOGNITION_SCORE",
+                                                                    defaults.OCR_REC_MIN_SCORE_CONFIGURED))
+    ocr_max_resolution: int = field(default_factory=lambda: _int("CNAI_OCR_MAX_RESOLUTION",
+                                                                 defaults.OCR_MAX_RESOLUTION))
     preload: bool = field(default_factory=lambda: _env("CNAI_PRELOAD", "1") not in ("0", "false", "no"))
     idle_unload_s: float = field(default_factory=lambda: _float("CNAI_MODEL_IDLE_UNLOAD_S", 0))
     # gateway

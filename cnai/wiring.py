@@ -5,15 +5,21 @@ import logging
 from pathlib import Path
 
 from gateway.app import Gateway, GatewayConfig
+from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_FACE_MODELS, serve_as_problem
+from inference import defaults
 from inference.ocr import OcrModel
 from inference.pool import ModelPool
-from inference.runtime import RuntimeOptions
+from inference.runtime import ModelMissingError, RuntimeOptions
 from listener.tasks import ClipHandler, FaceHandler, OcrHandler
 from listener.worker import Listener, ListenerConfig
 
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+
+# cnai.clip.embedding is vector(512) (sql/results/schema/200_result_tables.sql), and only 512-d Immich names may
+# be served as (Immich sizes smart_search by the name): the one CLIP size cnai stores and serves.
+CLIP_DIM = 512
 
 
 def runtime_options(settings: Settings) -> RuntimeOptions:
@@ -24,9 +30,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
 def build_pool(settings: Settings) -> ModelPool:
     pool = ModelPool(idle_unload_s=settings.idle_unload_s)
     rt = runtime_options(settings)
-    use_cuda = any(p.lower() in ("cuda", "tensorrt", "trt") for p in settings.providers)
-    pool.register("ocr", lambda: OcrModel(max_batch=4, intra_op_threads=settings.intra_op_threads or -1,
-                                          use_cuda=use_cuda))
+    pool.register("ocr", lambda: OcrModel(rt, max_batch=4))
 
     def clip_dir() -> Path:
         return settings.models_dir / "clip" / settings.clip_model
@@ -50,7 +54,7 @@ def build_pool(settings: Settings) -> ModelPool:
             from inference.face import FaceModel, find_face_pack
             return FaceModel(find_face_pack(settings.models_dir, self.name), rt)
 
-    for name in {settings.face_model, "buffalo_l", "buffalo_m", "buffalo_s", "antelopev2"}:
+    for name in {settings.face_model, *IMMICH_FACE_MODELS}:
         pool.register(f"face:{name}", _FaceFactory(name))
     return pool
 
@@ -82,6 +86,57 @@ async def mirror_clip_to_immich(conn, settings: Settings) -> bool:
     the same cn-clip model, and the column has our dimension (never mix two models' vectors in one column). The
     listener re-checks this in every batch, as Immich's model can change while cnai runs."""
     return await conn.fetchval("SELECT cnai.smart_search_mirror_ok($1)", settings.clip_serve_as)
+
+
+def clip_start_problem(pool: ModelPool, settings: Settings, serving: bool) -> str | None:
+    """Why the service must not start with these CLIP settings, or None.
+
+    A CLIP model of another size than 512 would fail every job after all its tries (cnai.clip is 512-d) and,
+    served under a 512-d Immich name, would hand Immich vectors its column cannot hold. A missing model is no
+    reason: its own jobs fail with a clear message while OCR and faces keep working.
+    """
+    problem = serve_as_problem(settings.clip_serve_as, CLIP_DIM)
+    if problem:
+        return (f"CNAI_CLIP_SERVE_AS: {problem}; list only {CLIP_DIM}-d names, such as the default "
+                f"{','.join(DEFAULT_CLIP_SERVE_AS)}")
+    if not serving and "clip" not in settings.tasks:
+        return None
+    for key in (f"clip-visual:{settings.clip_model}", f"clip-textual:{settings.clip_model}"):
+        try:
+            dim = pool.model(key).embed_dim
+        except ModelMissingError:
+            continue
+        except Exception as e:  # an unreadable config fails its jobs with the reason, like a missing model
+            log.warning("cannot tell the size of CLIP model %s: %s", settings.clip_model, e)
+            continue
+        if dim != CLIP_DIM:
+            return (f"CLIP model {settings.clip_model} (CNAI_CLIP_MODEL) makes {dim}-d embeddings, but cnai stores "
+                    f"and serves {CLIP_DIM}-d CLIP only (cnai.clip is vector({CLIP_DIM}), and Immich sizes "
+                    f"smart_search by the model name it asks for): import a {CLIP_DIM}-d model, e.g. "
+                    f"`cnai models import-clip CHECKPOINT --arch {defaults.CLIP_MODEL}`")
+    return None
+
+
+async def refuse_bad_clip_setup(pool: ModelPool, settings: Settings, serving: bool) -> None:
+    """Stop the start-up with one line (exit code 1) when `clip_start_problem` finds a reason."""
+    problem = clip_start_problem(pool, settings, serving)
+    if problem:
+        await pool.close()
+        raise SystemExit(f"cnai: {problem}")
+
+
+def clip_import_note(arch: str) -> str | None:
+    """A note for `cnai models import-clip` when `arch` makes embeddings cnai cannot store or serve."""
+    try:
+        from inference.clip.export import arch_model_info
+        dim = int(arch_model_info(arch)["embed_dim"])
+    except Exception:  # noqa: BLE001 - the import itself reports what is wrong (no cn_clip, unknown arch)
+        return None
+    if dim == CLIP_DIM:
+        return None
+    return (f"note: {arch} makes {dim}-d embeddings; cnai serve / gateway / listen accept {CLIP_DIM}-d CLIP only "
+            f"(cnai.clip is vector({CLIP_DIM})) and will refuse to start with it; {defaults.CLIP_MODEL} is the "
+            f"{CLIP_DIM}-d Chinese-CLIP")
 
 
 def build_handlers(settings: Settings, mirror_clip: bool = False) -> dict:

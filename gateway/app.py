@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
+from inference import defaults
 from inference.images import ImageDecodeError, decode_image
 from inference.ocr import OcrRequest
 from inference.pool import ModelPool, Priority
 from inference.runtime import ModelMissingError
 
 from .form import PredictForm, read_predict_form
+from .immich_models import DEFAULT_CLIP_SERVE_AS
 from .protocol import RequestError, clean_name, number, parse_entries, serialize_embedding
 
 log = logging.getLogger(__name__)
@@ -29,8 +31,8 @@ MAX_BODY = 64 * 1024 * 1024  # Immich ML's own multipart spooling threshold; a p
 @dataclass
 class GatewayConfig:
     ocr_key: str = "ocr"
-    clip_model: str = "ViT-B-16"            # our cn-clip model (models dir name)
-    clip_serve_as: list[str] = field(default_factory=lambda: ["ViT-B-32__openai", "ViT-B-16__openai"])
+    clip_model: str = defaults.CLIP_MODEL   # our cn-clip model (models dir name)
+    clip_serve_as: list[str] = field(default_factory=lambda: list(DEFAULT_CLIP_SERVE_AS))
     upstream_url: str = ""
     max_body: int = MAX_BODY                 # bytes of one /predict body, all fields together; more is a 413
 
@@ -130,11 +132,14 @@ class Gateway:
                 raise RequestError(400, "Task ocr of type recognition depends on output of (detection, ocr)")
             det = types.get("detection")
             rec = types.get("recognition")
+            # what Immich ML uses for an option the request leaves out
+            det_min, rec_min = defaults.OCR_DET_MIN_SCORE, defaults.OCR_REC_MIN_SCORE_WHEN_OMITTED
+            max_res = defaults.OCR_MAX_RESOLUTION
             req = OcrRequest(
                 image,
-                det_min_score=number(det.options, "minScore", 0.5, 0.0, 1.0) if det else 0.5,
-                rec_min_score=number(rec.options, "minScore", 0.9, 0.0, 1.0) if rec else 0.9,
-                max_resolution=int(number(det.options, "maxResolution", 736, 1, 100_000)) if det else 736,
+                det_min_score=number(det.options, "minScore", det_min, 0.0, 1.0) if det else det_min,
+                rec_min_score=number(rec.options, "minScore", rec_min, 0.0, 1.0) if rec else rec_min,
+                max_resolution=int(number(det.options, "maxResolution", max_res, 1, 100_000)) if det else max_res,
             )
             result = await self.pool.run(self.config.ocr_key, req, Priority.INTERACTIVE)
             return {"text": [ln.text for ln in result.lines], "box": [v for ln in result.lines for v in ln.box],
@@ -155,7 +160,7 @@ class Gateway:
             if det is None:
                 raise RequestError(400, "Task facial-recognition of type recognition depends on output of "
                                         "(detection, facial-recognition)")
-            min_score = number(det.options, "minScore", 0.7, 0.0, 1.0)
+            min_score = number(det.options, "minScore", defaults.FACE_MIN_SCORE, 0.0, 1.0)
             faces = await self.pool.run(f"face:{clean_name(det.model_name)}", (image, min_score),
                                         Priority.INTERACTIVE)
             return [{"boundingBox": {"x1": float(round(f.x1)), "y1": float(round(f.y1)),

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from .base import InferenceModel
+from .defaults import OCR_DET_MIN_SCORE, OCR_MAX_RESOLUTION, OCR_REC_MIN_SCORE_CONFIGURED
+from .runtime import RuntimeOptions
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +25,9 @@ MIN_SIDE = 32  # Immich ML returns nothing for images narrower or shorter than t
 @dataclass
 class OcrRequest:
     image: Image.Image
-    det_min_score: float = 0.5
-    rec_min_score: float = 0.8
-    max_resolution: int = 736
+    det_min_score: float = OCR_DET_MIN_SCORE
+    rec_min_score: float = OCR_REC_MIN_SCORE_CONFIGURED
+    max_resolution: int = OCR_MAX_RESOLUTION
 
 
 @dataclass
@@ -43,6 +48,19 @@ class OcrResult:
         return "\n".join(line.text for line in self.lines)
 
 
+def _rapidocr_model_path(cfg, stage) -> Path:
+    """Where RapidOCR keeps the ONNX file of one stage (Det, Rec): its own choice of file for the configured
+    version, language and size, in its model folder (the wheel ships the default ones)."""
+    if stage.get("model_path"):
+        return Path(stage.model_path)
+    from rapidocr.inference_engine.base import FileInfo, InferSession
+
+    info = InferSession.get_model_url(FileInfo(engine_type=stage.engine_type, ocr_version=stage.ocr_version,
+                                               task_type=stage.task_type, lang_type=stage.lang_type,
+                                               model_type=stage.model_type))
+    return Path(cfg.Global.model_root_dir) / Path(info["model_dir"]).name
+
+
 def _rapidocr_version() -> str:
     try:
         from importlib.metadata import version
@@ -51,22 +69,24 @@ def _rapidocr_version() -> str:
         return "unknown"
 
 
-class OcrModel:
-    """BatchModel for OCR. Images of a batch run one after another (RapidOCR batches text lines, not images)."""
+class OcrModel(InferenceModel):
+    """BatchModel for OCR. Images of a batch run one after another (RapidOCR batches text lines, not images).
 
-    def __init__(self, name: str = "PP-OCRv5_mobile", max_batch: int = 4, intra_op_threads: int = -1,
-                 use_cuda: bool = False):
+    RapidOCR drives the pre/post-processing; its detection and recognition sessions come from our session factory
+    (RapidOCR's onnxruntime engine takes a ready session in its `session` setting), so OCR runs on the same
+    providers and threads as every other model.
+    """
+
+    def __init__(self, runtime: RuntimeOptions | None = None, max_batch: int = 4, name: str = "PP-OCRv5_mobile"):
+        # the input size follows each image, which TensorRT would rebuild an engine for
+        super().__init__((runtime or RuntimeOptions()).for_varying_shapes(), max_batch)
         self.requested_name = name
         self.key = f"ocr:{name}"
-        self.max_batch = max_batch
-        self.intra_op_threads = intra_op_threads
-        self.use_cuda = use_cuda
         self._engine = None
         self.model_id = ""
 
-    def load(self) -> None:
-        if self._engine is not None:
-            return
+    def _load(self) -> None:
+        from omegaconf import flag_override
         from rapidocr import RapidOCR
 
         params = {
@@ -80,19 +100,22 @@ class OcrModel:
             "Det.thresh": 0.3,
             "Det.unclip_ratio": 1.6,
             "Det.max_candidates": 1000,
-            "EngineConfig.onnxruntime.intra_op_num_threads": self.intra_op_threads,
-            "EngineConfig.onnxruntime.use_cuda": self.use_cuda,
         }
-        self._engine = RapidOCR(params=params)
-        det = self._engine.cfg.Det
+        engine = RapidOCR(params=params)
+        for stage in (engine.cfg.Det, engine.cfg.Rec):
+            session = self.session(_rapidocr_model_path(engine.cfg, stage),
+                                   "RapidOCR's bundled model is missing: reinstall the rapidocr package")
+            with flag_override(stage, "allow_objects", True):  # RapidOCR's config holds plain values otherwise
+                stage.session = session
+        self._engine = engine
+        det = engine.cfg.Det
         self.model_id = f"rapidocr-{_rapidocr_version()}/{det.ocr_version}_{det.model_type}"
         log.info("OCR ready: %s (serving requests for %s)", self.model_id, self.requested_name)
 
-    def unload(self) -> None:
+    def _unload(self) -> None:
         self._engine = None
 
-    def run_batch(self, items: list[OcrRequest]) -> list[OcrResult | Exception]:
-        self.load()
+    def _predict_batch(self, items: list[OcrRequest]) -> list[OcrResult | Exception]:
         out: list[OcrResult | Exception] = []
         for item in items:
             try:

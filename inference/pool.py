@@ -187,10 +187,9 @@ class ModelPool:
 
     @staticmethod
     def _run_batch(lane: _Lane, items: list) -> list:
-        if not lane.loaded:
-            lane.model.load()  # raises e.g. ModelMissingError: every item of the batch gets it
-            lane.loaded = True
+        # the model loads itself on first use; a load error (e.g. ModelMissingError) reaches every item
         outputs = lane.model.run_batch(items)
+        lane.loaded = True
         if len(outputs) != len(items):
             raise RuntimeError(f"{lane.model.key} returned {len(outputs)} results for {len(items)} inputs")
         return outputs

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnxruntime as ort
@@ -59,6 +58,17 @@ class RuntimeOptions:
             chosen.append("CPUExecutionProvider")  # always a fallback for ops the GPU providers lack
         return chosen
 
+    def for_varying_shapes(self) -> RuntimeOptions:
+        """These options with TensorRT replaced by CUDA, for models whose input size changes from call to call:
+        TensorRT builds an engine per new shape, which costs far more than it saves."""
+        providers: list[str] = []
+        for name in self.providers:
+            full = PROVIDER_ALIASES.get(name.lower(), name)
+            name = "cuda" if full == "TensorrtExecutionProvider" else name
+            if name not in providers:
+                providers.append(name)
+        return replace(self, providers=providers)
+
 
 def create_session(path: Path | str, options: RuntimeOptions | None = None,
                    missing_hint: str = "see the README's Models section") -> ort.InferenceSession:
@@ -68,9 +78,8 @@ def create_session(path: Path | str, options: RuntimeOptions | None = None,
     options = options or RuntimeOptions()
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    threads = options.intra_op_threads or int(os.environ.get("CNAI_INTRA_OP_THREADS", "0") or 0)
-    if threads > 0:
-        so.intra_op_num_threads = threads
+    if options.intra_op_threads > 0:
+        so.intra_op_num_threads = options.intra_op_threads
     so.inter_op_num_threads = 1
     # errors only: models with a fixed batch in their declared output shape warn on every batched run
     so.log_severity_level = 3

@@ -26,6 +26,13 @@ TINY_VIT = {
                    vision_head_width=32),
     "text": dict(_TEXT_TINY),
 }
+
+
+def tiny_vit(embed_dim: int) -> dict:
+    """TINY_VIT with another embedding size (cn-clip's real ones: 512 for ViT-B-16, 768 for ViT-L-14, ...)."""
+    return {"vision": {**TINY_VIT["vision"], "embed_dim": embed_dim}, "text": dict(_TEXT_TINY)}
+
+
 TINY_RN = {
     # The string form is how cn-clip's RN50.json writes its layers.
     "vision": dict(embed_dim=32, image_resolution=64, vision_layers="[1,1,1,1]", vision_width=16,

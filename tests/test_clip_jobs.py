@@ -15,12 +15,12 @@ from PIL import Image
 from cnai.settings import Settings
 from cnai.wiring import build_gateway, build_pool, mirror_clip_to_immich
 from inference.clip import ClipTextual, ClipVisual
-from tests.clip_fixtures import TINY_VIT, build_clip, sample_images, save_official
+from tests.clip_fixtures import build_clip, sample_images, save_official, tiny_vit
 from tests.conftest import listener_settings, make_asset, make_user, running_listener, wait_for
 
 pytest.importorskip("cn_clip")
 
-TINY_512 = {"vision": {**TINY_VIT["vision"], "embed_dim": 512}, "text": dict(TINY_VIT["text"])}
+TINY_512 = tiny_vit(512)
 
 
 @pytest.fixture(scope="module")

@@ -48,8 +48,9 @@ def test_immich_cache_layout(tmp_path):
     pack = find_face_pack(tmp_path, "buffalo_l")
     assert pack.detection == base / "detection" / "model.onnx"
     assert pack.recognition == base / "recognition" / "model.onnx"
-    # Immich's own way of naming it also works
-    assert find_face_pack(tmp_path, "immich-app/buffalo_l") == pack
+    # a path is not a pack name: Immich's own spelling (immich-app/buffalo_l) is cleaned before, by clean_name
+    with pytest.raises(ValueError, match="immich-app/buffalo_l"):
+        find_face_pack(tmp_path, "immich-app/buffalo_l")
 
 
 def test_unknown_names_are_told_apart_by_their_graphs(tmp_path, face_models):

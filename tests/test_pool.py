@@ -7,16 +7,17 @@ import time
 
 import pytest
 
+from inference.base import InferenceModel
 from inference.pool import ModelPool, Priority
 from inference.runtime import ModelMissingError
 
 
-class RecordingModel:
+class RecordingModel(InferenceModel):
     """Doubles its inputs; records each batch so tests can see how the pool grouped and ordered work."""
 
     def __init__(self, max_batch=4, delay=0.02, fail_on=None, missing=False):
+        super().__init__(max_batch=max_batch)
         self.key = "rec"
-        self.max_batch = max_batch
         self.delay = delay
         self.fail_on = fail_on
         self.missing = missing
@@ -24,15 +25,15 @@ class RecordingModel:
         self.threads: set[str] = set()
         self.loads = 0
 
-    def load(self):
+    def _load(self):
         self.loads += 1
         if self.missing:
             raise ModelMissingError("/models/x/model.onnx", "put it there")
 
-    def unload(self):
+    def _unload(self):
         pass
 
-    def run_batch(self, items):
+    def _predict_batch(self, items):
         self.threads.add(threading.current_thread().name)
         self.batches.append(list(items))
         time.sleep(self.delay)

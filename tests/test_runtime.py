@@ -33,3 +33,11 @@ def test_missing_model_names_the_file(tmp_path):
     with pytest.raises(ModelMissingError, match=str(tmp_path / "nope.onnx")) as e:
         create_session(tmp_path / "nope.onnx", missing_hint="put it there")
     assert "put it there" in str(e.value)
+
+
+def test_threads_come_from_the_options_only(tmp_path, monkeypatch):
+    from tests.face_fixtures import build_recogniser
+    path = build_recogniser(tmp_path / "rec.onnx")
+    monkeypatch.setenv("CNAI_INTRA_OP_THREADS", "3")  # read once, by the settings; never behind their back
+    assert create_session(path).get_session_options().intra_op_num_threads == 0
+    assert create_session(path, RuntimeOptions(intra_op_threads=2)).get_session_options().intra_op_num_threads == 2

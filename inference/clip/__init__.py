@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime import ModelMissingError, RuntimeOptions, create_session
+from ..base import InferenceModel
+from ..defaults import CLIP_MODEL as DEFAULT_ARCH
+from ..runtime import ModelMissingError, RuntimeOptions
 from .preprocess import MEAN, STD, preprocess_image
 from .tokenizer import ClipTokenizer
 
@@ -23,7 +25,6 @@ __all__ = ["ClipVisual", "ClipTextual", "find_clip_model", "list_clip_models", "
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARCH = "ViT-B-16"
 _ARCH_NAMES = ("ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50")  # kept in step with export.ARCHES
 
 
@@ -61,16 +62,15 @@ def find_clip_model(models_dir: Path | str, name: str = DEFAULT_ARCH) -> Path:
     raise ModelMissingError(direct / "config.json", _hint(models_dir, name))
 
 
-class _ClipEncoder:
-    """Shared loading logic: config.json is read lazily, the ONNX session is created in `load()`."""
+class _ClipEncoder(InferenceModel):
+    """Shared loading logic: config.json is read lazily, the ONNX session is created in `_load()`."""
 
     part = ""  # "visual" or "textual": the sub-folder and the key prefix
 
     def __init__(self, model_dir: Path | str, runtime: RuntimeOptions | None = None, max_batch: int = 32):
+        super().__init__(runtime, max_batch)
         self.model_dir = Path(model_dir)
         self.name = self.model_dir.name
-        self.runtime = runtime
-        self.max_batch = max_batch
         self.key = f"clip-{self.part}:{self.name}"
         self._config: dict | None = None
         self._session = None
@@ -87,26 +87,25 @@ class _ClipEncoder:
 
     @property
     def embed_dim(self) -> int:
+        """The embedding size, from config.json; once loaded, the graph's output agrees with it."""
         return int(self.config["embed_dim"])
 
-    @property
-    def loaded(self) -> bool:
-        return self._session is not None
-
-    def load(self) -> None:
-        if self._session is not None:
-            return
+    def _load(self) -> None:
         cfg = self.config
         rel = cfg.get(self.part, {}).get("file", f"{self.part}/model.onnx")
         self._prepare(cfg)
-        self._session = create_session(self.model_dir / rel, self.runtime,
-                                       _hint(self.model_dir.parent.parent, self.name))
-        self._input = self._session.get_inputs()[0].name
+        session = self.session(self.model_dir / rel, _hint(self.model_dir.parent.parent, self.name))
+        graph_dim = session.get_outputs()[0].shape[-1]
+        if isinstance(graph_dim, int) and graph_dim != self.embed_dim:
+            raise ValueError(f"{self.model_dir / rel} returns {graph_dim}-d embeddings but "
+                             f"{self.model_dir / 'config.json'} says embed_dim {self.embed_dim}: re-import the model")
+        self._session = session
+        self._input = session.get_inputs()[0].name
 
     def _prepare(self, cfg: dict) -> None:
         pass
 
-    def unload(self) -> None:
+    def _unload(self) -> None:
         self._session = None
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
@@ -115,8 +114,6 @@ class _ClipEncoder:
 
     def _encode_all(self, inputs: list, encode) -> list:
         """One output per input: an embedding, or the Exception that input alone raised."""
-        if self._session is None:
-            self.load()
         results: list = [None] * len(inputs)
         ok: list[int] = []
         prepared: list = []
@@ -150,7 +147,7 @@ class ClipVisual(_ClipEncoder):
     def _prep_item(self, item: Any) -> np.ndarray:
         return preprocess_image(item, self.image_size, self.mean, self.std)
 
-    def run_batch(self, items: list[Any]) -> list:
+    def _predict_batch(self, items: list[Any]) -> list:
         return self._encode_all(items, lambda arrs: self._run(np.stack(arrs)))
 
 
@@ -176,5 +173,5 @@ class ClipTextual(_ClipEncoder):
             out[i, : len(r)] = r
         return out
 
-    def run_batch(self, items: list[str]) -> list:
+    def _predict_batch(self, items: list[str]) -> list:
         return self._encode_all(items, lambda rows: self._run(self._batch(rows)))

@@ -13,7 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..runtime import RuntimeOptions, create_session
+from ..base import InferenceModel
+from ..defaults import FACE_MIN_SCORE as DEFAULT_MIN_SCORE
+from ..runtime import RuntimeOptions
 from .detect import SCRFD, Detections
 from .pack import FacePack, find_face_pack
 from .recognize import ArcFace
@@ -21,8 +23,6 @@ from .recognize import ArcFace
 __all__ = ["Face", "FaceModel", "FacePack", "find_face_pack", "DEFAULT_MIN_SCORE"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MIN_SCORE = 0.7  # Immich's default minScore
 
 
 @dataclass
@@ -69,43 +69,35 @@ def _parse_item(item: Any) -> tuple[np.ndarray, float]:
     return _to_rgb_array(image), DEFAULT_MIN_SCORE if min_score is None else float(min_score)
 
 
-class FaceModel:
+class FaceModel(InferenceModel):
     """BatchModel for one face pack: items are `(image, min_score)`, outputs are `list[Face]` per item."""
 
     def __init__(self, pack: FacePack, runtime: RuntimeOptions | None = None, max_batch: int = 8, *,
                  round_boxes: bool = True, rec_batch: int | None = 64):
+        super().__init__(runtime, max_batch)
         self.pack = pack
-        self.runtime = runtime
-        self.max_batch = max_batch
         self.key = f"face:{pack.name}"
         self.round_boxes = round_boxes  # Immich ML rounds boxes to whole pixels (still emitted as floats)
         self.rec_batch = rec_batch  # crops per recogniser run, bounds memory on crowded batches
         self.detector: SCRFD | None = None
         self.recognizer: ArcFace | None = None
 
-    @property
-    def loaded(self) -> bool:
-        return self.detector is not None and self.recognizer is not None
-
-    def load(self) -> None:
-        if self.loaded:
-            return
+    def _load(self) -> None:
         hint = (f"face pack {self.pack.name!r} is incomplete; unzip InsightFace's {self.pack.name}.zip into "
                 f"$CNAI_MODELS_DIR/face/{self.pack.name}/")
-        detector = SCRFD(create_session(self.pack.detection, self.runtime, hint))
+        detector = SCRFD(self.session(self.pack.detection, hint))
         if not detector.use_kps:
             raise ValueError(f"{self.pack.detection}: the detector has no landmark outputs, which face "
                              f"recognition needs for alignment")
-        recognizer = ArcFace(create_session(self.pack.recognition, self.runtime, hint),
+        recognizer = ArcFace(self.session(self.pack.recognition, hint),
                              model_path=self.pack.recognition, max_batch=self.rec_batch)
         self.detector, self.recognizer = detector, recognizer
 
-    def unload(self) -> None:
+    def _unload(self) -> None:
         self.detector = None
         self.recognizer = None
 
-    def run_batch(self, items: list[Any]) -> list[list[Face] | Exception]:
-        self.load()
+    def _predict_batch(self, items: list[Any]) -> list[list[Face] | Exception]:
         assert self.detector is not None and self.recognizer is not None
         results: list[list[Face] | Exception | None] = [None] * len(items)
 

@@ -32,12 +32,12 @@ class FacePack:
     recognition: Path
 
 
-def _clean_name(name: str) -> str:
-    # Like Immich's clean_name: "immich-app/buffalo_l" means "buffalo_l".
-    cleaned = name.strip().rstrip("/").rsplit("/", 1)[-1]
-    if cleaned in ("", ".", "..") or "\\" in cleaned:
-        raise ValueError(f"invalid face model name: {name!r}")
-    return cleaned
+def _folder_name(name: str) -> str:
+    # the name becomes a folder under the models dir; Immich's spellings (immich-app/buffalo_l) are cleaned by
+    # the caller, with the gateway's clean_name
+    if name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"invalid face model name: {name!r} (expected a pack name such as buffalo_l)")
+    return name
 
 
 def candidate_dirs(models_dir: Path, name: str) -> list[Path]:
@@ -118,7 +118,7 @@ def _missing_hint(models_dir: Path, name: str, searched: list[Path]) -> str:
 def find_face_pack(models_dir: Path | str, name: str) -> FacePack:
     """Locate pack `name` under `models_dir`; ModelMissingError names the expected places when it is absent."""
     models_dir = Path(models_dir)
-    name = _clean_name(name)
+    name = _folder_name(name)
     searched = [models_dir / "facial-recognition" / name, *candidate_dirs(models_dir, name)]
     partial: tuple[Path, Path | None, Path | None] | None = None
 
