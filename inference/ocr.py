@@ -109,7 +109,9 @@ class OcrModel(InferenceModel):
                 stage.session = session
         self._engine = engine
         det = engine.cfg.Det
-        self.model_id = f"rapidocr-{_rapidocr_version()}/{det.ocr_version}_{det.model_type}"
+        # the enums' values ('PP-OCRv6', 'small'), not their Python names
+        self.model_id = (f"rapidocr-{_rapidocr_version()}/{getattr(det.ocr_version, 'value', det.ocr_version)}-"
+                         f"{getattr(det.model_type, 'value', det.model_type)}")
         log.info("OCR ready: %s (serving requests for %s)", self.model_id, self.requested_name)
 
     def _unload(self) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 from PIL import Image
 
+from inference import defaults
 from inference.ocr import OcrRequest, OcrResult
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,9 @@ class TaskHandler:
 
 @dataclass
 class OcrHandler(TaskHandler):
-    det_min_score: float = 0.5
-    rec_min_score: float = 0.8
-    max_resolution: int = 736
+    det_min_score: float = defaults.OCR_DET_MIN_SCORE
+    rec_min_score: float = defaults.OCR_REC_MIN_SCORE_CONFIGURED
+    max_resolution: int = defaults.OCR_MAX_RESOLUTION
 
     def request(self, image: Image.Image) -> OcrRequest:
         return OcrRequest(image, self.det_min_score, self.rec_min_score, self.max_resolution)
@@ -91,7 +92,7 @@ class ClipHandler(TaskHandler):
 
 @dataclass
 class FaceHandler(TaskHandler):
-    min_score: float = 0.7
+    min_score: float = defaults.FACE_MIN_SCORE
 
     def request(self, image: Image.Image):
         return (image, self.min_score)

@@ -2,6 +2,8 @@
 service's runtime options, and RapidOCR runs on them."""
 from __future__ import annotations
 
+import re
+
 from inference.ocr import OcrModel, OcrRequest
 from inference.runtime import RuntimeOptions
 from tests.conftest import render_text
@@ -12,6 +14,8 @@ def test_rapidocr_runs_on_sessions_from_the_shared_factory():
     assert not model.loaded
     [result] = model.run_batch([OcrRequest(render_text(["增值税发票"]))])  # loads on first use
     assert model.loaded and "增值税发票" in result.text
+    # the stored model name reads as people write it, e.g. rapidocr-3.10.0/PP-OCRv6-small
+    assert re.fullmatch(r"rapidocr-[0-9.]+/PP-OCRv[0-9]+-(mobile|small|server|tiny)", result.model), result.model
     engine = model._engine
     for stage, runner in ((engine.cfg.Det, engine.text_det), (engine.cfg.Rec, engine.text_rec)):
         assert runner.session.session is stage.session  # RapidOCR did not build a session of its own
