@@ -229,3 +229,35 @@ async def test_the_listener_reads_the_unedited_preview_and_fails_skipped_assets_
     error = await db.fetchval("SELECT error FROM cnai.job WHERE asset_id = $1 AND state = 'failed'", hidden)
     assert "hidden" in error
     assert await db.fetchval("SELECT count(*) FROM cnai.ocr WHERE asset_id = $1", hidden) == 0
+
+
+async def test_the_triggers_work_for_a_writer_without_any_right_in_schema_cnai(pg_server):
+    """Immich writes with its own role. Even where EXECUTE on cnai's functions is not granted to PUBLIC (a
+    hardened server), its writes to asset_file and asset work, and the triggers still do their part."""
+    from tests.test_admin import fresh_database
+    role = f"immich_{time.monotonic_ns()}"
+    async with fresh_database(pg_server) as dsn:
+        db = await asyncpg.connect(dsn)
+        try:
+            await db.execute(f"""CREATE ROLE {role};
+                                 GRANT USAGE ON SCHEMA public TO {role};
+                                 GRANT SELECT, INSERT, UPDATE ON asset, asset_file TO {role};
+                                 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA cnai FROM PUBLIC""")
+            owner = await make_user(db)
+            asset = await new_asset(db, owner)
+            async with db.transaction():
+                await db.execute(f"SET LOCAL ROLE {role}")
+                await write_preview(db, asset)
+            assert await intake(db, asset) == 1
+            await db.fetchval("SELECT cnai.take_intake()")
+            async with db.transaction():
+                await db.execute(f"SET LOCAL ROLE {role}")
+                await set_visibility(db, asset, "hidden")
+            assert await jobs(db, asset) == []
+            async with db.transaction():
+                await db.execute(f"SET LOCAL ROLE {role}")
+                await set_visibility(db, asset, "timeline")
+            assert await intake(db, asset) == 1
+        finally:
+            await db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+            await db.close()

@@ -22,7 +22,7 @@
 --  * reprocess_request refuses hidden and trashed assets;
 --  * listeners read the preview cnai.job_preview_paths names, and fail a job it gives a skip reason for.
 
--- Why cnai does not work on an asset now (NULL: it does). Inlined wherever it is used, trigger WHEN included.
+-- Why cnai does not work on an asset now (NULL: it does).
 CREATE OR REPLACE FUNCTION cnai.asset_skip_reason(visibility text, deleted_at timestamptz) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 RETURN CASE WHEN deleted_at IS NOT NULL THEN 'asset is in the trash'
@@ -176,8 +176,10 @@ BEGIN
   RETURN NULL;
 END $$;
 
+-- The WHEN spells out cnai.asset_skip_reason's rule with built-in operators only: it runs with the writer's
+-- privileges (Immich's role), which need not reach anything in schema cnai.
 CREATE OR REPLACE TRIGGER cnai_follow_asset_visibility AFTER UPDATE OF visibility, "deletedAt" ON public.asset
   FOR EACH ROW
-  WHEN ((cnai.asset_skip_reason(OLD.visibility::text, OLD."deletedAt") IS NULL)
-        <> (cnai.asset_skip_reason(NEW.visibility::text, NEW."deletedAt") IS NULL))
+  WHEN ((OLD.visibility::text = 'hidden' OR OLD."deletedAt" IS NOT NULL)
+        IS DISTINCT FROM (NEW.visibility::text = 'hidden' OR NEW."deletedAt" IS NOT NULL))
   EXECUTE FUNCTION cnai.follow_asset_visibility();
