@@ -61,7 +61,7 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
     assert len(jobs) == 3
     await old_conn.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
     assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'done'") == 3
-    # the asset trigger's WHEN and the inlined rule function: hiding an asset drops its queued work
+    # the asset trigger, on an older server too: hiding an asset drops its queued work
     await old_conn.execute("INSERT INTO reprocess_request (asset_id) VALUES ($1)", asset)
     await old_conn.execute("UPDATE asset SET visibility = 'hidden' WHERE id = $1", asset)
     assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") == 0
