@@ -28,8 +28,8 @@ import asyncpg  # noqa: E402
 
 from cnai.db import migrate  # noqa: E402
 from cnai.embedded import EmbeddedServer  # noqa: E402
+from listener.task_names import TASKS  # noqa: E402
 
-TASKS = ["clip", "ocr", "face"]
 LEASE = timedelta(seconds=60)
 
 PUBLISHED = [  # jobs/s on their own benchmarks (reference/anchors.md §A)

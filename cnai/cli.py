@@ -10,11 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+from listener.task_names import TASKS
+
 from . import __version__
 from .settings import Settings
 
 log = logging.getLogger("cnai")
-TASKS = ("clip", "ocr", "face")
 
 
 # --- database selection ------------------------------------------------------------------------------------------
@@ -82,11 +83,9 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def _run_service(args, settings, gateway: bool, listener: bool):
-    import asyncpg
     from aiohttp import web
 
-    from .wiring import (build_gateway, build_listener, build_pool, mirror_clip_to_immich, preload_keys,
-                         refuse_bad_clip_setup)
+    from .wiring import build_gateway, build_listener, build_pool, preload_keys, refuse_bad_clip_setup
 
     stop = asyncio.Event()
     _stop_on_signals(stop)
@@ -108,12 +107,8 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
     await refuse_bad_clip_setup(pool, settings, serving=gateway)
     lst = None
     if listener:
-        conn = await asyncpg.connect(dsn)
-        try:
-            mirror = await mirror_clip_to_immich(conn, settings)
-        finally:
-            await conn.close()
-        lst = build_listener(dsn, pool, settings, mirror_clip=mirror)
+        # whether CLIP results also fill Immich's smart_search is decided in every batch (Immich's model may change)
+        lst = build_listener(dsn, pool, settings, mirror_clip=True)
         tasks.append(asyncio.create_task(lst.run(), name="listener"))
     if gateway:
         app = build_gateway(pool, settings).app()
@@ -155,12 +150,13 @@ async def cmd_listen(args, settings):
 
 async def cmd_reprocess(args, settings):
     import asyncpg
+
+    from . import admin
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
         try:
-            req_id = await conn.fetchval("INSERT INTO reprocess_request (asset_id, tasks) VALUES ($1::uuid, $2) "
-                                         "RETURNING id", args.asset_id, args.task or None)
+            req_id = await admin.request_reprocess(conn, args.asset_id, args.task or None)
         except (asyncpg.PostgresError, asyncpg.DataError) as e:
             raise SystemExit(f"cnai reprocess: {e}")
         print(f"request {req_id} queued for asset {args.asset_id} ({', '.join(args.task or TASKS)})", flush=True)
@@ -168,14 +164,14 @@ async def cmd_reprocess(args, settings):
             return
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
-            row = await conn.fetchrow("SELECT status, error FROM reprocess_request WHERE id = $1", req_id)
-            if row["status"] in ("done", "failed"):
-                print(f"request {req_id}: {row['status']}" + (f" — {row['error']}" if row["error"] else ""))
-                if row["status"] == "failed":
+            status, error = await admin.request_outcome(conn, req_id)
+            if status in ("done", "failed"):
+                print(f"request {req_id}: {status}" + (f" — {error}" if error else ""))
+                if status == "failed":
                     raise SystemExit(1)
                 return
             await asyncio.sleep(0.3)
-        raise SystemExit(f"request {req_id} still {row['status']} after {args.timeout:.0f} s: is a listener "
+        raise SystemExit(f"request {req_id} still {status} after {args.timeout:.0f} s: is a listener "
                          "running (cnai serve / cnai listen)?")
     finally:
         await conn.close()
@@ -184,15 +180,14 @@ async def cmd_reprocess(args, settings):
 async def cmd_backfill(args, settings):
     import asyncpg
 
+    from . import admin
     from .wiring import build_handlers
     dsn = await _prepare(args, settings)
     handlers = build_handlers(settings)
     conn = await asyncpg.connect(dsn)
     try:
-        for task in args.task or list(TASKS):
-            # missing: never ran, or ran with another model than the one this install's handler records
-            n = await conn.fetchval("SELECT cnai.queue_missing($1, $2, $3)", task, handlers[task].model_name,
-                                    args.force)
+        models = {task: handlers[task].model_name for task in args.task or TASKS}
+        for task, n in (await admin.backfill(conn, models, args.force)).items():
             print(f"{task}: queued {n}")
     finally:
         await conn.close()
@@ -200,17 +195,19 @@ async def cmd_backfill(args, settings):
 
 async def cmd_search(args, settings):
     import asyncpg
+
+    from . import admin
     dsn = await _prepare(args, settings)
     embedding = None
     if not args.query.lower().startswith("ocr:") and not args.ocr_only:
         embedding = await _text_embedding(settings, args.query)
     conn = await asyncpg.connect(dsn)
     try:
-        rows = await conn.fetch(
-            """SELECT s.asset_id, s.score, s.ocr_rank, s.clip_rank, a."originalPath" AS path, o.text
-                 FROM cnai.search($1, $2::vector, NULL, $3, 0) s
-                 JOIN asset a ON a.id = s.asset_id LEFT JOIN cnai.ocr o ON o.asset_id = s.asset_id
-                ORDER BY s.score DESC, s.asset_id""", args.query, embedding, args.limit)
+        try:
+            owners = await admin.user_ids(conn, args.user) if args.user else None  # None: every user's photos
+        except LookupError as e:
+            raise SystemExit(f"cnai search: {e}")
+        rows = await admin.search(conn, args.query, embedding, owners, args.limit)
     finally:
         await conn.close()
     if not rows:
@@ -249,56 +246,44 @@ def _age(seconds: float | None) -> str:
 
 async def cmd_status(args, settings):
     import asyncpg
+
+    from . import admin
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
-        # queued counts include the trigger's intake (previews not yet turned into jobs by a listener)
-        rows = await conn.fetch(
-            "SELECT task, state, count(*) AS n FROM cnai.job WHERE state <> 'queued' GROUP BY 1, 2 "
-            "UNION ALL SELECT task, 'queued', queued FROM cnai.queue_depth() WHERE queued > 0")
-        oldest = await conn.fetchrow(
-            "SELECT task, extract(epoch FROM now() - oldest) AS age FROM cnai.queue_depth() "
-            "WHERE oldest IS NOT NULL ORDER BY oldest, task LIMIT 1")
-        expired = await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running' "
-                                      "AND lease_until < now()")
-        reasons = await conn.fetch(
-            "SELECT task, error, count(*) AS n, max(finished_at) AS last FROM cnai.job WHERE state = 'failed' "
-            "GROUP BY 1, 2 ORDER BY n DESC, last DESC LIMIT $1", args.failed_limit)
-        failed = await conn.fetch(
-            "SELECT task, asset_id, attempts, error, finished_at FROM cnai.job WHERE state = 'failed' "
-            "ORDER BY finished_at DESC NULLS LAST LIMIT $1", args.failed_limit)
-        results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
-                                      "(SELECT count(*) FROM cnai.clip) AS clip, "
-                                      "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
+        st = await admin.queue_status(conn, args.failed_limit)
     finally:
         await conn.close()
     order = {s: i for i, s in enumerate(("queued", "running", "done", "failed"))}
     print("jobs (task / state / count):")
-    for r in sorted(rows, key=lambda r: (r["task"], order.get(r["state"], 9))):
-        print(f"  {r['task']:5s} {r['state']:8s} {r['n']}")
-    if not rows:
+    for task, state, n in sorted(st.counts, key=lambda r: (r[0], order.get(r[1], 9))):
+        print(f"  {task:5s} {state:8s} {n}")
+    if not st.counts:
         print("  none")
-    print("oldest queued: " + (f"{_age(oldest['age'])} ({oldest['task']})" if oldest else "none"))
-    if expired:
-        print(f"running with an expired lease: {expired} (a listener stopped; any listener's reaper re-queues them)")
-    print(f"results: ocr {results['ocr']}, clip {results['clip']}, face (assets) {results['face']}")
-    if reasons:
+    print("oldest queued: " + (f"{_age(st.oldest_queued[1])} ({st.oldest_queued[0]})" if st.oldest_queued else "none"))
+    if st.expired_leases:
+        print(f"running with an expired lease: {st.expired_leases} (a listener stopped; any listener's reaper "
+              "re-queues them)")
+    print(f"results: ocr {st.results['ocr']}, clip {st.results['clip']}, face (assets) {st.results['face']}")
+    if st.failure_reasons:
         print("failed, by reason (`cnai retry --failed [--task T]` re-queues them):")
-        for r in reasons:
-            print(f"  {r['n']:>6d}  {r['task']:5s} {r['error'] or '(no reason recorded)'}")
+        for task, error, n in st.failure_reasons:
+            print(f"  {n:>6d}  {task:5s} {error or '(no reason recorded)'}")
         print("recent failures:")
-        for r in failed:
-            print(f"  {r['task']:5s} {r['asset_id']}  after {r['attempts']} attempt(s): {r['error']}")
+        for task, asset_id, attempts, error in st.recent_failures:
+            print(f"  {task:5s} {asset_id}  after {attempts} attempt(s): {error}")
 
 
 async def cmd_retry(args, settings):
     import asyncpg
+
+    from . import admin
     if not args.failed:
         raise SystemExit("cnai retry: say what to retry: --failed")
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
-        n = await conn.fetchval("SELECT cnai.retry_failed($1)", args.task or None)
+        n = await admin.retry_failed(conn, args.task or None)
     finally:
         await conn.close()
     scope = f" ({', '.join(args.task)})" if args.task else ""
@@ -308,20 +293,27 @@ async def cmd_retry(args, settings):
 async def cmd_doctor(args, settings):
     import onnxruntime as ort
     problems = 0
+
+    def report(ok: bool, subject: str, detail: str) -> None:
+        nonlocal problems
+        problems += not ok
+        print(f"  {'ok' if ok else 'PROBLEM':8s}{subject}: {detail}")
+
     print(f"cnai {__version__}; ONNX Runtime {ort.__version__}, providers here: {', '.join(ort.get_available_providers())}")
     print(f"configured providers: {', '.join(settings.providers)}")
     try:
         import asyncpg
 
+        from . import admin
         from .db import check_server
         dsn, standalone = resolve_dsn(args, settings)
         conn = await asyncpg.connect(dsn)
         try:
             await check_server(conn)
-            version = await conn.fetchval("SHOW server_version")
-            applied = await conn.fetchval("SELECT count(*) FROM cnai.migration") if await conn.fetchval(
-                "SELECT to_regclass('cnai.migration') IS NOT NULL") else 0
+            version, applied = await admin.database_summary(conn)
             print(f"database: PostgreSQL {version}, pgvector ok, {applied} cnai migration(s) applied")
+            for f in await admin.check_database(conn):
+                report(f.ok, f.subject, f.detail)
         finally:
             await conn.close()
     except SystemExit as e:
@@ -334,8 +326,7 @@ async def cmd_doctor(args, settings):
     pool = build_pool(settings)
     try:
         for key, err in (await pool.preload(preload_keys(settings))).items():
-            print(f"  {key}: {'ok' if err is None else 'MISSING — ' + str(err)}")
-            problems += err is not None
+            report(err is None, key, "loads" if err is None else f"missing — {err}")
     finally:
         await pool.close()
     if problems:
@@ -394,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="search like Immich would: 'ocr:发票' or free text")
     add_db_args(s)
     s.add_argument("query")
+    s.add_argument("--user", action="append", metavar="EMAIL",
+                   help="only this Immich user's photos (repeatable); default: every user's")
     s.add_argument("--limit", type=int, default=20)
     s.add_argument("--ocr-only", action="store_true")
     s.set_defaults(func=cmd_search)

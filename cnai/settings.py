@@ -8,6 +8,7 @@ from pathlib import Path
 from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_DEFAULT_FACE
 from gateway.protocol import clean_name
 from inference import defaults
+from listener.task_names import TASKS
 
 
 def _env(name: str, default: str = "") -> str:
@@ -70,7 +71,7 @@ class Settings:
     upstream_ml_url: str = field(default_factory=lambda: _env("CNAI_UPSTREAM_ML_URL"))
     # listener
     tasks: list[str] = field(default_factory=lambda: [
-        t.strip() for t in _env("CNAI_TASKS", "clip,ocr,face").split(",") if t.strip()])
+        t.strip() for t in _env("CNAI_TASKS", ",".join(TASKS)).split(",") if t.strip()])
     batch_size: int = field(default_factory=lambda: _int("CNAI_BATCH_SIZE", 16))
     concurrency: int = field(default_factory=lambda: _int("CNAI_CONCURRENCY", 2))
     poll_interval_s: float = field(default_factory=lambda: _float("CNAI_POLL_INTERVAL_S", 2.0))

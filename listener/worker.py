@@ -232,7 +232,8 @@ class Listener:
         try:
             paths = await self._preview_paths([j.asset_id for j in jobs])
             decoded: dict = {}  # one read and decode per preview, shared by the asset's clip/ocr/face jobs
-            outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id), decoded) for j in jobs))
+            gone = (None, "asset no longer exists")
+            outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id, gone), decoded) for j in jobs))
             await self._settle(jobs, outcomes)
         finally:
             self.held.difference_update(j.id for j in jobs)
@@ -256,19 +257,19 @@ class Listener:
                 delay = min(delay * 2, 5)
 
     async def _preview_paths_once(self, asset_ids: list) -> dict:
+        """Per asset: (the preview Immich's own job would read, None) or (None, why cnai does not work on it)."""
         async with self.db.acquire() as conn:
-            rows = await conn.fetch(
-                """SELECT DISTINCT ON ("assetId") "assetId", path FROM asset_file
-                    WHERE "assetId" = ANY($1::uuid[]) AND type::text = 'preview'
-                    ORDER BY "assetId", "isEdited" ASC""", list(set(asset_ids)))
-        return {r["assetId"]: r["path"] for r in rows}
+            rows = await conn.fetch("SELECT asset_id, path, skip_reason FROM cnai.job_preview_paths($1::uuid[])",
+                                    list(set(asset_ids)))
+        return {r["asset_id"]: (r["path"], r["skip_reason"]) for r in rows}
 
-    async def _run_job(self, job: Claimed, path: str | None, decoded: dict):
+    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict):
         """Returns ('ok', image, output) or ('error', message, permanent)."""
         handler = self.handlers[job.task]
+        path, skip_reason = preview
         try:
             if path is None:
-                raise PermanentJobError("asset has no preview file in asset_file")
+                raise PermanentJobError(skip_reason)
             local = map_path(path, self.config.path_map)
             if local not in decoded:
                 decoded[local] = asyncio.get_running_loop().run_in_executor(None, _read_image, local)

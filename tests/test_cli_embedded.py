@@ -150,3 +150,68 @@ def test_backfill_queues_only_what_lacks_results(embedded_home):
     r = cnai("backfill", *db, "--task", "ocr", "--force", env=env)
     assert "ocr: queued 1" in r.stdout  # the two already queued coalesce; the one with a result joins
     assert asyncio.run(queued("ocr")) == 3 and asyncio.run(queued("clip")) == 0
+
+
+def test_doctor_checks_the_triggers_and_reports_each_problem_once(pg_server, tmp_path):
+    import asyncio
+
+    import asyncpg
+
+    from tests.test_admin import fresh_database
+
+    env = {**os.environ, "CNAI_MODELS_DIR": str(tmp_path), "CNAI_TASKS": "ocr"}  # OCR's models ship with it
+
+    async def scenario():
+        async with fresh_database(pg_server) as dsn:
+            conn = await asyncpg.connect(dsn)
+            try:
+                owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('d@test') RETURNING id""")
+                asset = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName",
+                                               checksum) VALUES ($1, '/p/a.jpg', 'a.jpg', 'x') RETURNING id""", owner)
+                await conn.execute("""INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', '/p/a.jpg')""",
+                                   asset)
+                healthy = await asyncio.to_thread(cnai, "doctor", "--dsn", dsn, env=env)
+                await conn.execute("ALTER TABLE asset_file DISABLE TRIGGER cnai_enqueue_preview_insert")
+                broken = await asyncio.to_thread(cnai, "doctor", "--dsn", dsn, env=env)
+            finally:
+                await conn.close()
+            return healthy, broken
+
+    healthy, broken = asyncio.run(scenario())
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "PROBLEM" not in healthy.stdout
+    assert re.search(r"ok\s+enqueue via cnai_enqueue_preview_insert: inserting it anew as \S+ queued the preview",
+                     healthy.stdout), healthy.stdout
+    assert broken.returncode != 0
+    about_it = [line for line in broken.stdout.splitlines() if "cnai_enqueue_preview_insert" in line]
+    assert len(about_it) == 1 and "PROBLEM" in about_it[0] and "disabled" in about_it[0], broken.stdout
+    assert broken.stdout.count("PROBLEM") == 1, broken.stdout
+
+
+def test_search_cli_searches_every_user_or_the_ones_named(pg_server):
+    import asyncio
+
+    import asyncpg
+
+    from tests.test_admin import fresh_database
+
+    async def scenario():
+        async with fresh_database(pg_server) as dsn:
+            conn = await asyncpg.connect(dsn)
+            try:
+                for email in ("a@test", "b@test"):
+                    owner = await conn.fetchval('INSERT INTO "user" (email) VALUES ($1) RETURNING id', email)
+                    asset = await conn.fetchval(
+                        """INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                           VALUES ($1, $2, 'x.jpg', $3) RETURNING id""", owner, f"/photos/{email}.jpg", email.encode())
+                    await conn.execute("INSERT INTO cnai.ocr (asset_id, text, lines, model) VALUES ($1, '发票', '[]', 't')",
+                                       asset)
+            finally:
+                await conn.close()
+            return [await asyncio.to_thread(cnai, "search", "--dsn", dsn, "ocr:发票", *args, env=dict(os.environ))
+                    for args in ((), ("--user", "b@test"), ("--user", "nobody@test"))]
+
+    everyone, bob, unknown = asyncio.run(scenario())
+    assert "/photos/a@test.jpg" in everyone.stdout and "/photos/b@test.jpg" in everyone.stdout
+    assert "/photos/b@test.jpg" in bob.stdout and "/photos/a@test.jpg" not in bob.stdout
+    assert unknown.returncode != 0 and "nobody@test" in unknown.stderr

@@ -45,7 +45,8 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
     await old_conn.execute("""
         DROP SCHEMA IF EXISTS cnai CASCADE;
         DROP TABLE IF EXISTS reprocess_request, asset_file, asset CASCADE;
-        CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid());
+        CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                            visibility varchar NOT NULL DEFAULT 'timeline', "deletedAt" timestamptz);
         CREATE TABLE asset_file (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "assetId" uuid REFERENCES asset(id),
                                  type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
                                  UNIQUE ("assetId", type, "isEdited"));""")
@@ -60,6 +61,10 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
     assert len(jobs) == 3
     await old_conn.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
     assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'done'") == 3
+    # the asset trigger, on an older server too: hiding an asset drops its queued work
+    await old_conn.execute("INSERT INTO reprocess_request (asset_id) VALUES ($1)", asset)
+    await old_conn.execute("UPDATE asset SET visibility = 'hidden' WHERE id = $1", asset)
+    assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") == 0
 
     old_tokens = await old_conn.fetchval("SELECT cnai.zh_tsvector($1)::text", SAMPLE)
     new = await asyncpg.connect(dsn)

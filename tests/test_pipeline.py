@@ -33,6 +33,9 @@ async def job_states(db, asset_id):
 
 
 async def search(db, query, owners=None):
+    """cnai.search for these owners; every user's photos (the admin path) when none are given."""
+    if owners is None:
+        return [r["asset_id"] for r in await db.fetch("SELECT asset_id FROM cnai.search_all_owners($1)", query)]
     return [r["asset_id"] for r in await db.fetch("SELECT asset_id FROM cnai.search($1, NULL, $2)", query, owners)]
 
 

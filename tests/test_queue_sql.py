@@ -11,9 +11,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from listener.task_names import TASKS
 from tests.conftest import make_asset, make_user
 
-TASKS = ["clip", "face", "ocr"]
 LEASE = timedelta(seconds=60)
 UPSERT = """INSERT INTO asset_file ("assetId", type, path) SELECT a, t, '/p/' || a || t
               FROM unnest($1::uuid[]) a CROSS JOIN unnest($2::text[]) t

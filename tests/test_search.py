@@ -24,7 +24,7 @@ async def add_clip(db, asset, vec):
                      asset, "[" + ",".join(map(str, vec)) + "]")
 
 
-async def ids(db, query, emb=None, owners=None, lim=100, offset=0):
+async def ids(db, query, owners, emb=None, lim=100, offset=0):
     return [r["asset_id"] for r in await db.fetch("SELECT asset_id FROM cnai.search($1, $2::vector, $3, $4, $5)",
                                                   query, emb, owners, lim, offset)]
 
@@ -48,37 +48,37 @@ async def test_tokenizer_bigrams_unigrams_words(db):
 async def test_hostile_queries_never_error(db, query):
     owner = await make_user(db)
     await add_ocr(db, owner, "hello world 发票")
-    await ids(db, query)
-    await ids(db, "ocr:" + query)
+    await ids(db, query, [owner])
+    await ids(db, "ocr:" + query, [owner])
 
 
 async def test_one_and_two_character_queries_and_phrases(db):
     owner = await make_user(db)
     a = await add_ocr(db, owner, "中关村延庆")
     b = await add_ocr(db, owner, "村里的关系")
-    assert set(await ids(db, "ocr:中")) == {a}
-    assert set(await ids(db, "ocr:关")) == {a, b}
-    assert await ids(db, "ocr:中关") == [a]
-    assert await ids(db, "ocr:中关村") == [a]
-    assert await ids(db, "ocr:关村") == [a]
-    assert await ids(db, "ocr:村关") == []        # characters present, not adjacent in this order
-    assert await ids(db, "ocr:北京") == []
+    assert set(await ids(db, "ocr:中", [owner])) == {a}
+    assert set(await ids(db, "ocr:关", [owner])) == {a, b}
+    assert await ids(db, "ocr:中关", [owner]) == [a]
+    assert await ids(db, "ocr:中关村", [owner]) == [a]
+    assert await ids(db, "ocr:关村", [owner]) == [a]
+    assert await ids(db, "ocr:村关", [owner]) == []        # characters present, not adjacent in this order
+    assert await ids(db, "ocr:北京", [owner]) == []
 
 
 async def test_latin_prefix_and_case(db):
     owner = await make_user(db)
     a = await add_ocr(db, owner, "Plate RE16TGK parked")
     b = await add_ocr(db, owner, "re16 tgk")
-    assert set(await ids(db, "ocr:RE16")) == {a, b}
-    assert await ids(db, "ocr:re16 tgk") == [b]
-    assert set(await ids(db, "ocr:PARK")) == {a}
+    assert set(await ids(db, "ocr:RE16", [owner])) == {a, b}
+    assert await ids(db, "ocr:re16 tgk", [owner]) == [b]
+    assert set(await ids(db, "ocr:PARK", [owner])) == {a}
 
 
 async def test_best_first(db):
     owner = await make_user(db)
     exact = await add_ocr(db, owner, "发票")
     long_ = await add_ocr(db, owner, "这是一张很长的收据，其中提到了发 票两个字，还有发票号码 12345 以及其他很多很多内容" * 5)
-    rows = await db.fetch("SELECT asset_id, score, ocr_rank FROM cnai.search('ocr:发票')")
+    rows = await db.fetch("SELECT asset_id, score, ocr_rank FROM cnai.search('ocr:发票', NULL, $1)", [owner])
     assert [r["asset_id"] for r in rows] == [exact, long_]
     assert rows[0]["score"] > rows[1]["score"] and [r["ocr_rank"] for r in rows] == [1, 2]
 
@@ -93,21 +93,21 @@ async def test_trashed_deleted_hidden_locked_and_owners(db):
     await db.execute('UPDATE asset SET "deletedAt" = now() WHERE id = $1', trashed)
     archived = await add_ocr(db, alice, "身份证", visibility="archive")
     bobs = await add_ocr(db, bob, "身份证")
-    assert set(await ids(db, "ocr:身份证")) == {visible, archived, bobs}
-    assert set(await ids(db, "ocr:身份证", owners=[alice])) == {visible, archived}
-    assert await ids(db, "ocr:身份证", owners=[bob]) == [bobs]
+    assert set(await ids(db, "ocr:身份证", [alice, bob])) == {visible, archived, bobs}
+    assert set(await ids(db, "ocr:身份证", [alice])) == {visible, archived}
+    assert await ids(db, "ocr:身份证", [bob]) == [bobs]
 
 
 async def test_paging(db):
     owner = await make_user(db)
     assets = [await add_ocr(db, owner, "发票 " + "字" * i) for i in range(7)]
-    first = await ids(db, "ocr:发票", lim=3)
-    second = await ids(db, "ocr:发票", lim=3, offset=3)
-    rest = await ids(db, "ocr:发票", lim=3, offset=6)
+    first = await ids(db, "ocr:发票", [owner], lim=3)
+    second = await ids(db, "ocr:发票", [owner], lim=3, offset=3)
+    rest = await ids(db, "ocr:发票", [owner], lim=3, offset=6)
     assert len(first) == 3 and len(second) == 3 and len(rest) == 1
     assert set(first + second + rest) == set(assets)
     with pytest.raises(asyncpg.InvalidParameterValueError, match="lim"):
-        await ids(db, "ocr:发票", lim=0)
+        await ids(db, "ocr:发票", [owner], lim=0)
 
 
 async def test_hybrid_rrf(db):
@@ -119,7 +119,7 @@ async def test_hybrid_rrf(db):
     await add_clip(db, image_only, unit(0, noise=0.05, seed=2))
     await add_clip(db, text_only, unit(5))
     q = "[" + ",".join(map(str, unit(0))) + "]"
-    rows = await db.fetch("SELECT * FROM cnai.search('海边日落', $1::vector)", q)
+    rows = await db.fetch("SELECT * FROM cnai.search('海边日落', $1::vector, $2)", q, [owner])
     order = [r["asset_id"] for r in rows]
     assert order[0] == text_and_image                      # in both lists
     assert set(order) == {text_and_image, text_only, image_only}
@@ -127,17 +127,67 @@ async def test_hybrid_rrf(db):
     assert top["ocr_rank"] is not None and top["clip_rank"] is not None
     assert abs(top["score"] - (1 / (60 + top["ocr_rank"]) + 1 / (60 + top["clip_rank"]))) < 1e-9
     # 'ocr:' ignores the embedding
-    assert set(await ids(db, "ocr:海边日落", q)) == {text_and_image, text_only}
+    assert set(await ids(db, "ocr:海边日落", [owner], q)) == {text_and_image, text_only}
     # without an embedding: OCR only
-    assert set(await ids(db, "海边日落")) == {text_and_image, text_only}
+    assert set(await ids(db, "海边日落", [owner])) == {text_and_image, text_only}
+
+
+async def test_owners_are_required(db):
+    alice, bob = await make_user(db), await make_user(db)
+    alices, bobs = await add_ocr(db, alice, "发票"), await add_ocr(db, bob, "发票")
+    await add_clip(db, alices, unit(0))
+    await add_clip(db, bobs, unit(0))
+    q = "[" + ",".join(map(str, unit(0))) + "]"
+    for query, emb in (("ocr:发票", None), ("发票", None), ("发票", q)):
+        with pytest.raises(asyncpg.NullValueNotAllowedError, match="owner_ids is required"):
+            await ids(db, query, None, emb)
+    with pytest.raises(asyncpg.NullValueNotAllowedError, match="owner_ids is required"):
+        await db.fetch("SELECT * FROM cnai.search('ocr:发票')")
+    for emb in (None, q):
+        assert await ids(db, "发票", [alice], emb) == [alices]
+        assert await ids(db, "发票", [bob], emb) == [bobs]
+        assert set(await ids(db, "发票", [alice, bob], emb)) == {alices, bobs}
+        assert await ids(db, "发票", [], emb) == []
+    # the helpers behind cnai.search take NULL owners as nobody: no side door to every user's photos
+    assert await db.fetch("SELECT * FROM cnai.search_ocr('发票', NULL, 100)") == []
+    assert await db.fetch("SELECT * FROM cnai.search_clip($1::vector, NULL, 100)", q) == []
+    # the admin path says what it does
+    everyone = await db.fetch("SELECT asset_id FROM cnai.search_all_owners('发票', $1::vector)", q)
+    assert {r["asset_id"] for r in everyone} == {alices, bobs}
+
+
+async def plans_of(db, sql: str, *args) -> list[str]:
+    """The plans of every statement that `sql` runs, the queries inside cnai's functions included, as
+    auto_explain logs them (sent to this client as notices)."""
+    notices: list[str] = []
+    listener = lambda _conn, message: notices.append(message.message)  # noqa: E731
+    db.add_log_listener(listener)
+    try:
+        async with db.transaction():
+            await db.execute("LOAD 'auto_explain'")
+            for setting, value in (("log_min_duration", "0"), ("log_nested_statements", "on"),
+                                   ("log_level", "notice")):
+                await db.execute(f"SET LOCAL auto_explain.{setting} = {value}")
+            await db.fetch(sql, *args)
+    finally:
+        db.remove_log_listener(listener)
+    return [n for n in notices if "plan:" in n]
 
 
 async def test_ocr_search_uses_the_gin_index(db):
+    """The plan of the query inside cnai.search (not a hand-written copy of it), on a library large enough that
+    the planner picks the index on its own: 5,000 photos, about 1% with the word."""
     owner = await make_user(db)
-    for i in range(50):
-        await add_ocr(db, owner, f"收据 {i}")
-    async with db.transaction():
-        await db.execute("SET LOCAL enable_seqscan = off")
-        plan = await db.fetchval("EXPLAIN (FORMAT JSON) SELECT asset_id FROM cnai.ocr "
-                                 "WHERE tokens @@ cnai.zh_tsquery('收据')")
-    assert "ocr_tokens" in json.dumps(plan)
+    await db.execute("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                        SELECT $1, '/photos/' || g || '.jpg', g || '.jpg', sha256(g::text::bytea)
+                          FROM generate_series(1, 5000) g""", owner)
+    await db.execute("""INSERT INTO cnai.ocr (asset_id, text, lines, model)
+                        SELECT id, CASE WHEN row_number() OVER (ORDER BY id) % 100 = 0 THEN '收据 ' ELSE '' END
+                                   || '发票 No. ' || md5(id::text), '[]', 'test' FROM asset""")
+    for table in ("asset", "cnai.ocr"):
+        await db.execute(f"VACUUM ANALYZE {table}")  # statistics, and the GIN index's pending list merged
+    plans = await plans_of(db, "SELECT * FROM cnai.search('ocr:收据', NULL, $1)", [owner])
+    ocr_plans = [p for p in plans if "cnai.search_ocr" in p]
+    assert ocr_plans, plans
+    assert all("Index Scan on ocr_tokens" in p for p in ocr_plans), ocr_plans
+    assert len(await ids(db, "ocr:收据", [owner])) == 50

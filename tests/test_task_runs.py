@@ -55,7 +55,8 @@ async def test_a_photo_without_faces_is_not_queued_again(db, dsn, face_pool, mod
 async def test_queue_missing_selects_by_run_and_model(db, photo_dir):
     owner = await make_user(db)
     assets = {name: await make_asset(db, owner, photo_dir / f"{name}.png")
-              for name in ("never", "same_model", "other_model", "running", "other_task", "deleted")}
+              for name in ("never", "same_model", "other_model", "running", "other_task", "deleted", "hidden",
+                           "edited_only")}
     no_preview = await make_asset(db, owner, photo_dir / "no_preview.png", with_preview=False)
     await db.execute("TRUNCATE cnai.job_intake, cnai.job CASCADE")
     for name, task, model in [("same_model", "clip", "cn-clip/ViT-B-16"), ("other_model", "clip", "cn-clip/RN50"),
@@ -64,6 +65,9 @@ async def test_queue_missing_selects_by_run_and_model(db, photo_dir):
     await db.execute("INSERT INTO cnai.job (asset_id, task, state) VALUES ($1, 'clip', 'running')",
                      assets["running"])
     await db.execute("""UPDATE asset SET "deletedAt" = now() WHERE id = $1""", assets["deleted"])
+    # what Immich's own ML skips, backfill skips: hidden assets, and an asset whose only preview is an edit's
+    await db.execute("UPDATE asset SET visibility = 'hidden' WHERE id = $1", assets["hidden"])
+    await db.execute("""UPDATE asset_file SET "isEdited" = true WHERE "assetId" = $1""", assets["edited_only"])
 
     async def queued() -> set:
         rows = await db.fetch("SELECT asset_id FROM cnai.job WHERE task = 'clip' AND state = 'queued'")
@@ -73,7 +77,7 @@ async def test_queue_missing_selects_by_run_and_model(db, photo_dir):
     assert await queued() == {assets["never"], assets["other_model"], assets["other_task"]}
     assert await db.fetchval("SELECT cnai.queue_missing('clip', 'cn-clip/ViT-B-16', false)") == 0  # coalesced
     assert await db.fetchval("SELECT cnai.queue_missing('clip', 'cn-clip/ViT-B-16', true)") == 2
-    assert no_preview not in await queued() and assets["deleted"] not in await queued()
+    assert not {no_preview, assets["deleted"], assets["hidden"], assets["edited_only"]} & await queued()
     with pytest.raises(asyncpg.InvalidParameterValueError, match="unknown task faces"):
         await db.fetchval("SELECT cnai.queue_missing('faces', 'buffalo_l', false)")
     with pytest.raises(asyncpg.NullValueNotAllowedError, match="name the model"):
@@ -143,12 +147,14 @@ async def test_task_run_sql_runs_on_older_postgres(old_server):  # noqa: F811
         await conn.execute("""
             DROP SCHEMA IF EXISTS cnai CASCADE;
             DROP TABLE IF EXISTS reprocess_request, asset_file, asset CASCADE;
-            CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "deletedAt" timestamptz);
+            CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                                visibility varchar NOT NULL DEFAULT 'timeline', "deletedAt" timestamptz);
             CREATE TABLE asset_file (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "assetId" uuid REFERENCES asset(id),
                                      type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
                                      UNIQUE ("assetId", type, "isEdited"));""")
         root = Path(__file__).resolve().parent.parent / "sql"
-        for name in ("queue/schema/100_queue_tables.sql", "queue/code/110_queue_ops.sql"):
+        for name in ("queue/schema/100_queue_tables.sql", "queue/code/110_queue_ops.sql",
+                     "triggers/code/120_triggers.sql"):
             await conn.execute((root / name).read_text())
         await conn.execute("""
             CREATE TABLE cnai.ocr (asset_id uuid, model text, updated_at timestamptz DEFAULT now());

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from cnai.settings import Settings
 from inference.ocr import OcrLine, OcrResult
 from inference.pool import ModelPool
+from listener.task_names import TASKS
 from listener.tasks import ClipHandler, FaceHandler, OcrHandler, TaskHandler
 from listener.worker import Listener, ListenerConfig
 
-TASKS = ("clip", "face", "ocr")
 
 
 @dataclass

@@ -8,8 +8,9 @@ LANGUAGE sql AS $$
   ON CONFLICT (asset_id, task) DO UPDATE SET model = excluded.model, ran_at = excluded.ran_at;
 $$;
 
--- Queue p_task for every live asset with a preview that it has not run on with p_model (the name this install's
--- handler records, so switching models re-indexes), or for all of them with p_force. Assets whose job for the
+-- Queue p_task for every asset cnai works on (not hidden, not trashed, with an unedited preview) that it has not
+-- run on with p_model (the name this install's handler records, so switching models re-indexes), or for all of
+-- them with p_force. Assets whose job for the
 -- task is running are left to it unless forced; queued ones coalesce. Returns how many jobs were added.
 CREATE OR REPLACE FUNCTION cnai.queue_missing(p_task text, p_model text, p_force boolean DEFAULT false)
 RETURNS bigint LANGUAGE plpgsql AS $$
@@ -27,8 +28,9 @@ BEGIN
   WITH queued AS (
     INSERT INTO cnai.job (asset_id, task)
     SELECT a.id, p_task FROM public.asset a
-     WHERE a."deletedAt" IS NULL
-       AND EXISTS (SELECT FROM public.asset_file f WHERE f."assetId" = a.id AND f.type::text = 'preview')
+     WHERE cnai.asset_skip_reason(a.visibility::text, a."deletedAt") IS NULL  -- what Immich's own ML works on
+       AND EXISTS (SELECT FROM public.asset_file f
+                    WHERE f."assetId" = a.id AND f.type::text = 'preview' AND NOT f."isEdited")
        AND (p_force OR (
             NOT EXISTS (SELECT FROM cnai.task_run r
                          WHERE r.asset_id = a.id AND r.task = p_task AND r.model = p_model)

@@ -3,7 +3,10 @@
 --   'ocr:发票'                      -> OCR text only, best first
 --   '海边日落' + query_embedding     -> hybrid: OCR text and CLIP vector fused by reciprocal rank (k = 60)
 --   '海边日落' without an embedding  -> OCR text only
--- Trashed, deleted, hidden and locked assets never appear; owner_ids (when given) restricts to those owners.
+-- Trashed, deleted, hidden and locked assets never appear.
+-- Owners are required: cnai.search returns only the photos of owner_ids, and a caller that forgets them gets an
+-- error, never every user's photos. The helpers below treat NULL owners as nobody, so no path leaks. An admin
+-- search across every user is explicit: cnai.search_all_owners(...).
 
 -- Score of one OCR match: cover density over the positions (phrases close together rank higher), with a
 -- bonus when the query occurs verbatim; divided by document length, so a photo whose text is mostly the query
@@ -23,7 +26,7 @@ RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE sql STABL
     CROSS JOIN LATERAL (SELECT cnai.ocr_match_score(o.tokens, o.text, q.tsq, q_text) AS score) s
    WHERE q.tsq IS NOT NULL AND o.tokens @@ q.tsq
      AND a."deletedAt" IS NULL AND a.status::text = 'active' AND a.visibility::text NOT IN ('hidden', 'locked')
-     AND (owner_ids IS NULL OR a."ownerId" = ANY (owner_ids))
+     AND a."ownerId" = ANY (owner_ids)
    ORDER BY s.score DESC, o.asset_id
    LIMIT lim;
 $$;
@@ -44,7 +47,7 @@ BEGIN
     SELECT c.asset_id, (c.embedding <=> query_embedding)::float8 AS distance
       FROM cnai.clip c JOIN public.asset a ON a.id = c.asset_id
      WHERE a."deletedAt" IS NULL AND a.status::text = 'active' AND a.visibility::text NOT IN ('hidden', 'locked')
-       AND (owner_ids IS NULL OR a."ownerId" = ANY (owner_ids))
+       AND a."ownerId" = ANY (owner_ids)
      ORDER BY c.embedding <=> query_embedding
      LIMIT lim
   )
@@ -63,6 +66,12 @@ DECLARE
   ocr_only boolean := q ~* '^ocr:';
   branch integer;
 BEGIN
+  IF owner_ids IS NULL THEN
+    RAISE EXCEPTION 'cnai.search: owner_ids is required: the ids of the users whose photos to search'
+      USING ERRCODE = 'null_value_not_allowed',
+            HINT = 'pass the signed-in user''s id (ARRAY[user_id]); an admin search across every user is '
+                   'cnai.search_all_owners(query, query_embedding, ...)';
+  END IF;
   IF lim IS NULL OR lim < 1 OR lim > 1000 THEN
     RAISE EXCEPTION 'cnai.search: lim must be between 1 and 1000, got %', lim USING ERRCODE = 'invalid_parameter_value';
   END IF;
@@ -90,3 +99,14 @@ BEGIN
      ORDER BY 2 DESC, 1
     OFFSET offset_ LIMIT lim;
 END $$;
+
+-- The explicit all-users path, for administrators (`cnai search` on the command line): every user's photos.
+-- Never call it on behalf of a signed-in user.
+CREATE OR REPLACE FUNCTION cnai.search_all_owners(query text, query_embedding vector DEFAULT NULL,
+                                                  lim integer DEFAULT 100, offset_ integer DEFAULT 0,
+                                                  ocr_weight float8 DEFAULT 1.0, clip_weight float8 DEFAULT 1.0,
+                                                  rrf_k integer DEFAULT 60)
+RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer, clip_rank integer) LANGUAGE sql STABLE AS $$
+  SELECT * FROM cnai.search(query, query_embedding, ARRAY(SELECT u.id FROM public."user" u), lim, offset_,
+                            ocr_weight, clip_weight, rrf_k);
+$$;

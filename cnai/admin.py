@@ -1,0 +1,227 @@
+"""The administrator's queries: what `cnai reprocess`, `backfill`, `search`, `status`, `retry` and `doctor` ask the
+database. Each takes a connection and returns data; cnai/cli.py parses, calls and prints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+PINNED_SEARCH_PATH = "search_path=pg_catalog, pg_temp"
+# migrate re-applies a code file only when the file changed, so repairing a database needs its record gone first
+REAPPLY_TRIGGERS = "re-apply cnai's triggers: DELETE FROM cnai.migration WHERE id LIKE 'triggers/%', then `cnai migrate`"
+
+
+# --- work --------------------------------------------------------------------------------------------------------
+async def request_reprocess(conn: asyncpg.Connection, asset_id: str, tasks: list[str] | None) -> int:
+    """Queue a reprocess request (the trigger checks the asset and the tasks); returns its id."""
+    return await conn.fetchval("INSERT INTO reprocess_request (asset_id, tasks) VALUES ($1::uuid, $2) RETURNING id",
+                               asset_id, tasks)
+
+
+async def request_outcome(conn: asyncpg.Connection, request_id: int) -> tuple[str, str | None]:
+    row = await conn.fetchrow("SELECT status, error FROM reprocess_request WHERE id = $1", request_id)
+    return row["status"], row["error"]
+
+
+async def backfill(conn: asyncpg.Connection, models: dict[str, str], force: bool) -> dict[str, int]:
+    """Queue, per task, every asset the task has not run on with this install's model (`models`: task -> the
+    model name its handler records); every asset with force. Counts per task."""
+    return {task: await conn.fetchval("SELECT cnai.queue_missing($1, $2, $3)", task, model, force)
+            for task, model in models.items()}
+
+
+async def retry_failed(conn: asyncpg.Connection, tasks: list[str] | None) -> int:
+    return await conn.fetchval("SELECT cnai.retry_failed($1)", tasks)
+
+
+# --- search ------------------------------------------------------------------------------------------------------
+async def user_ids(conn: asyncpg.Connection, emails: list[str]) -> list:
+    """Immich users by e-mail; an unknown one is an error naming it."""
+    rows = await conn.fetch('SELECT id, email FROM "user" WHERE email = ANY ($1)', emails)
+    unknown = sorted(set(emails) - {r["email"] for r in rows})
+    if unknown:
+        raise LookupError(f"no Immich user with e-mail {', '.join(unknown)}")
+    return [r["id"] for r in rows]
+
+
+async def search(conn: asyncpg.Connection, query: str, embedding: str | None, owner_ids: list | None,
+                 limit: int) -> list[asyncpg.Record]:
+    """Best first, with each asset's path and OCR text. owner_ids None: every user's photos (admin)."""
+    found = ("cnai.search_all_owners($1, $2::vector, $3, 0)" if owner_ids is None
+             else "cnai.search($1, $2::vector, $4, $3, 0)")
+    return await conn.fetch(
+        f"""SELECT s.asset_id, s.score, s.ocr_rank, s.clip_rank, a."originalPath" AS path, o.text
+              FROM {found} s
+              JOIN asset a ON a.id = s.asset_id LEFT JOIN cnai.ocr o ON o.asset_id = s.asset_id
+             ORDER BY s.score DESC, s.asset_id""",
+        query, embedding, limit, *([] if owner_ids is None else [owner_ids]))
+
+
+# --- status ------------------------------------------------------------------------------------------------------
+@dataclass
+class QueueStatus:
+    counts: list          # (task, state, n); queued includes the trigger's intake
+    oldest_queued: tuple | None  # (task, age in seconds)
+    expired_leases: int
+    failure_reasons: list  # (task, error, n), most frequent first
+    recent_failures: list  # (task, asset_id, attempts, error)
+    results: dict          # task -> assets with results
+
+
+async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStatus:
+    # queued counts include the trigger's intake (previews not yet turned into jobs by a listener)
+    counts = await conn.fetch(
+        "SELECT task, state, count(*) AS n FROM cnai.job WHERE state <> 'queued' GROUP BY 1, 2 "
+        "UNION ALL SELECT task, 'queued', queued FROM cnai.queue_depth() WHERE queued > 0")
+    oldest = await conn.fetchrow(
+        "SELECT task, extract(epoch FROM now() - oldest)::float8 AS age FROM cnai.queue_depth() "
+        "WHERE oldest IS NOT NULL ORDER BY oldest, task LIMIT 1")
+    expired = await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running' AND lease_until < now()")
+    reasons = await conn.fetch(
+        "SELECT task, error, count(*) AS n, max(finished_at) AS last FROM cnai.job WHERE state = 'failed' "
+        "GROUP BY 1, 2 ORDER BY n DESC, last DESC LIMIT $1", failed_limit)
+    failed = await conn.fetch(
+        "SELECT task, asset_id, attempts, error, finished_at FROM cnai.job WHERE state = 'failed' "
+        "ORDER BY finished_at DESC NULLS LAST LIMIT $1", failed_limit)
+    results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
+                                  "(SELECT count(*) FROM cnai.clip) AS clip, "
+                                  "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
+    return QueueStatus(
+        counts=[(r["task"], r["state"], r["n"]) for r in counts],
+        oldest_queued=(oldest["task"], oldest["age"]) if oldest else None,
+        expired_leases=expired,
+        failure_reasons=[(r["task"], r["error"], r["n"]) for r in reasons],
+        recent_failures=[(r["task"], r["asset_id"], r["attempts"], r["error"]) for r in failed],
+        results=dict(results))
+
+
+# --- doctor ------------------------------------------------------------------------------------------------------
+@dataclass
+class Finding:
+    ok: bool
+    subject: str
+    detail: str
+    trigger: str | None = None  # the trigger it is about, if any
+
+
+async def check_database(conn: asyncpg.Connection) -> list[Finding]:
+    """cnai's triggers, then whether they enqueue; a trigger already found broken is not reported twice."""
+    findings = await check_triggers(conn)
+    if any(f.detail.startswith("missing") for f in findings):
+        return findings  # not (fully) migrated: nothing to try
+    broken = {f.trigger for f in findings if not f.ok}
+    return findings + [f for f in await check_enqueue(conn) if f.trigger not in broken]
+
+
+# The triggers cnai puts on tables that others write (Immich's, and reprocess_request, written from psql):
+# (table, trigger, function it must run).
+TRIGGERS = (
+    ("public.asset_file", "cnai_enqueue_preview_insert", "cnai.enqueue_preview_files"),
+    ("public.asset_file", "cnai_enqueue_preview_update", "cnai.enqueue_preview_files"),
+    ("public.asset", "cnai_follow_asset_visibility", "cnai.follow_asset_visibility"),
+    ("public.reprocess_request", "cnai_check_reprocess_request", "cnai.check_reprocess_request"),
+    ("public.reprocess_request", "cnai_enqueue_reprocess_requests", "cnai.enqueue_reprocess_requests"),
+)
+
+
+async def database_summary(conn: asyncpg.Connection) -> tuple[str, int]:
+    """(server version, cnai migrations applied)."""
+    version = await conn.fetchval("SHOW server_version")
+    applied = await conn.fetchval(
+        "SELECT CASE WHEN to_regclass('cnai.migration') IS NULL THEN 0 "
+        "ELSE (SELECT count(*) FROM cnai.migration) END")
+    return version, applied
+
+
+async def check_triggers(conn: asyncpg.Connection) -> list[Finding]:
+    """Each of cnai's triggers exists, is enabled, runs its function, and that function is SECURITY DEFINER with
+    the pinned search_path (it runs inside other roles' statements)."""
+    rows = {(r["tbl"], r["tgname"]): r for r in await conn.fetch(
+        """SELECT t.tgrelid::regclass::text AS tbl, t.tgname, t.tgenabled::text AS enabled,
+                  t.tgfoid::regproc::text AS function, p.prosecdef AS security_definer,
+                  coalesce(p.proconfig, '{}') AS config
+             FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+            WHERE NOT t.tgisinternal AND t.tgname LIKE 'cnai\\_%'""")}
+    findings = []
+    for table, name, function in TRIGGERS:
+        bare = table.removeprefix("public.")  # regclass prints public tables unqualified
+        row = rows.get((bare, name)) or rows.get((table, name))
+        subject = f"trigger {name} on {bare}"
+        if row is None:
+            findings.append(Finding(False, subject, f"missing: {REAPPLY_TRIGGERS}", name))
+            continue
+        problems = []
+        if row["enabled"] == "D":
+            problems.append(f"disabled: ALTER TABLE {bare} ENABLE TRIGGER {name}")
+        elif row["enabled"] == "R":
+            problems.append(f"fires only in replica sessions: ALTER TABLE {bare} ENABLE TRIGGER {name}")
+        if row["function"] != function:
+            problems.append(f"runs {row['function']} instead of {function}")
+        if not row["security_definer"]:
+            problems.append(f"{row['function']} is not SECURITY DEFINER")
+        if PINNED_SEARCH_PATH not in row["config"]:
+            problems.append(f"{row['function']} has no pinned search_path ({PINNED_SEARCH_PATH})")
+        if problems and not problems[-1].startswith(("disabled", "fires only")):
+            problems.append(REAPPLY_TRIGGERS)
+        findings.append(Finding(not problems, subject,
+                                "; ".join(problems) or "enabled, SECURITY DEFINER, search_path pinned", name))
+    return findings
+
+
+async def check_enqueue(conn: asyncpg.Connection) -> list[Finding]:
+    """Write an existing preview row again as Immich would, as asset_file's owner: once its path to itself (the
+    update trigger), once the row anew (the insert trigger); each must land in cnai.job_intake. All rolled back."""
+    preview = await conn.fetchrow(
+        """SELECT f.id, f."assetId" AS asset_id FROM public.asset_file f JOIN public.asset a ON a.id = f."assetId"
+            WHERE f.type::text = 'preview' AND NOT f."isEdited"
+              AND cnai.asset_skip_reason(a.visibility::text, a."deletedAt") IS NULL
+            LIMIT 1""")
+    if preview is None:
+        return [Finding(True, "enqueue", "not tried: no preview in asset_file yet (Immich has rendered none)")]
+    owner = await conn.fetchval("SELECT tableowner FROM pg_tables WHERE schemaname = 'public' "
+                                "AND tablename = 'asset_file'")
+    writes = (
+        ("cnai_enqueue_preview_update", "re-writing its path", "UPDATE public.asset_file SET path = path WHERE id = $1"),
+        ("cnai_enqueue_preview_insert", "inserting it anew",
+         "WITH gone AS (DELETE FROM public.asset_file WHERE id = $1 RETURNING *) "
+         "INSERT INTO public.asset_file SELECT * FROM gone"),
+    )
+    findings = []
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        writer = owner if await _may_act_as(conn, owner) else await conn.fetchval("SELECT current_user")
+        for trigger, how, statement in writes:
+            subject = f"enqueue via {trigger}"
+            before = await conn.fetchval("SELECT count(*) FROM cnai.job_intake WHERE asset_id = $1",
+                                         preview["asset_id"])
+            try:
+                async with conn.transaction():
+                    await conn.execute(f"SET LOCAL ROLE {_quote_ident(writer)}")
+                    await conn.execute(statement, preview["id"])
+                    await conn.execute("RESET ROLE")
+            except asyncpg.PostgresError as e:
+                findings.append(Finding(False, subject, f"{how} as {writer} failed: {e}", trigger))
+                continue
+            gained = await conn.fetchval("SELECT count(*) FROM cnai.job_intake WHERE asset_id = $1",
+                                         preview["asset_id"]) - before
+            findings.append(Finding(gained > 0, subject, f"{how} as {writer} queued the preview" if gained else
+                                    f"{how} as {writer} queued nothing (look for a cnai WARNING in the server log)",
+                                    trigger))
+    finally:
+        await tx.rollback()
+    return findings
+
+
+async def _may_act_as(conn: asyncpg.Connection, role: str) -> bool:
+    try:
+        async with conn.transaction():
+            await conn.execute(f"SET LOCAL ROLE {_quote_ident(role)}")
+            await conn.execute("RESET ROLE")
+        return True
+    except asyncpg.InsufficientPrivilegeError:
+        return False
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
