@@ -89,3 +89,36 @@ async def test_triggers_enqueue_for_a_writer_without_privileges_on_cnai(fresh_ds
     finally:
         await admin.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
         await admin.close()
+
+
+async def test_search_upgrade_leaves_one_cnai_search(fresh_dsn, sql_copy):
+    """A database with the earlier cnai.search (eight parameters) and helpers gets the current ones in their place:
+    one candidate per call, so existing callers' calls stay unambiguous."""
+    await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        await conn.execute("""
+            DROP FUNCTION cnai.search(text, vector, uuid[], integer, integer, float8, float8, integer, text[], uuid,
+                                      text);
+            DROP FUNCTION cnai.search_ocr(text, uuid[], integer, text[], uuid);
+            DROP FUNCTION cnai.search_clip(vector, uuid[], integer, text[], uuid, text);
+            CREATE FUNCTION cnai.search_ocr(q_text text, owner_ids uuid[], lim integer)
+              RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE sql AS 'SELECT NULL::uuid, 0, 0';
+            CREATE FUNCTION cnai.search_clip(query_embedding vector, owner_ids uuid[], lim integer)
+              RETURNS TABLE (asset_id uuid, distance float8, clip_rank integer) LANGUAGE sql
+              AS 'SELECT NULL::uuid, 0, 0';
+            CREATE FUNCTION cnai.search(query text, query_embedding vector DEFAULT NULL, owner_ids uuid[] DEFAULT NULL,
+                                        lim integer DEFAULT 100, offset_ integer DEFAULT 0,
+                                        ocr_weight float8 DEFAULT 1.0, clip_weight float8 DEFAULT 1.0,
+                                        rrf_k integer DEFAULT 60)
+              RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer, clip_rank integer) LANGUAGE sql
+              AS 'SELECT NULL::uuid, 0, 0, 0'""")
+        await conn.execute("UPDATE cnai.migration SET checksum = 'earlier' WHERE id = 'search/code/210_search.sql'")
+        assert await migrate(fresh_dsn, standalone=True, sql_root=sql_copy) == ["search/code/210_search.sql"]
+        for name in ("search", "search_ocr", "search_clip"):
+            assert await conn.fetchval("SELECT count(*) FROM pg_proc WHERE proname = $1 AND pronamespace = "
+                                       "'cnai'::regnamespace", name) == 1, name
+        owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('u@test') RETURNING id""")
+        assert await conn.fetch("SELECT * FROM cnai.search('ocr:发票', NULL, $1, 10, 0)", [owner]) == []
+    finally:
+        await conn.close()

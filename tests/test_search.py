@@ -191,3 +191,49 @@ async def test_ocr_search_uses_the_gin_index(db):
     assert ocr_plans, plans
     assert all("Index Scan on ocr_tokens" in p for p in ocr_plans), ocr_plans
     assert len(await ids(db, "ocr:收据", [owner])) == 50
+
+
+async def test_visibilities_and_the_locked_folder(db):
+    """The visibilities a search covers (default: timeline and archive); locked-folder photos only when asked for
+    and only those of locked_owner, never another owner's, in both branches."""
+    alice, bob = await make_user(db), await make_user(db)
+    made = {}
+    for owner, who in ((alice, "alice"), (bob, "bob")):
+        for visibility in ("timeline", "archive", "locked", "hidden"):
+            made[f"{who}-{visibility}"] = await add_ocr(db, owner, "发票", visibility=visibility)
+            await add_clip(db, made[f"{who}-{visibility}"], unit(0))
+    q = "[" + ",".join(map(str, unit(0))) + "]"
+    names = {v: k for k, v in made.items()}
+
+    async def found(query, emb=None, **named):
+        params = "".join(f", {name} => ${i}" for i, name in enumerate(named, start=4))
+        rows = await db.fetch(f"SELECT asset_id FROM cnai.search($1, $2::vector, $3{params})",
+                              query, emb, [alice, bob], *named.values())
+        return {names[r["asset_id"]] for r in rows}
+
+    for query, emb in (("ocr:发票", None), ("发票", q)):
+        assert await found(query, emb) == {"alice-timeline", "alice-archive", "bob-timeline", "bob-archive"}
+        assert await found(query, emb, visibilities=["locked"]) == set()
+        assert await found(query, emb, visibilities=["locked"], locked_owner=alice) == {"alice-locked"}
+        assert await found(query, emb, visibilities=["timeline", "archive", "locked"], locked_owner=alice) == \
+            {"alice-timeline", "alice-archive", "alice-locked", "bob-timeline", "bob-archive"}
+        assert await found(query, emb, locked_owner=alice) == \
+            {"alice-timeline", "alice-archive", "bob-timeline", "bob-archive"}   # locked_owner alone adds nothing
+        assert await found(query, emb, visibilities=["hidden"]) == {"alice-hidden", "bob-hidden"}
+        assert await found(query, emb, visibilities=["archive"]) == {"alice-archive", "bob-archive"}
+        with pytest.raises(asyncpg.InvalidParameterValueError, match="visibilities"):
+            await found(query, emb, visibilities=["timline"])
+
+
+async def test_clip_model_keeps_other_models_vectors_out(db):
+    owner = await make_user(db)
+    ours, theirs = await add_ocr(db, owner, "无关"), await add_ocr(db, owner, "无关")
+    await db.execute("INSERT INTO cnai.clip (asset_id, model, embedding) VALUES ($1, 'cn-clip/ViT-B-16', $2::vector),"
+                     " ($3, 'cn-clip/RN50', $2::vector)", ours, "[" + ",".join(map(str, unit(0))) + "]", theirs)
+    q = "[" + ",".join(map(str, unit(0))) + "]"
+    rows = await db.fetch("SELECT asset_id FROM cnai.search('海', $1::vector, $2, clip_model => 'cn-clip/ViT-B-16')",
+                          q, [owner])
+    assert [r["asset_id"] for r in rows] == [ours]
+    assert set(await ids(db, "海", [owner], q)) == {ours, theirs}  # without clip_model: every vector
+    assert await db.fetchval("SELECT cnai.clip_has_model('cn-clip/RN50')") is True
+    assert await db.fetchval("SELECT cnai.clip_has_model('cn-clip/ViT-L-14')") is False
