@@ -83,10 +83,12 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def _run_service(args, settings, gateway: bool, listener: bool):
-    from aiohttp import web
+    from .wiring import (build_front, build_gateway, build_listener, build_pool, front_start_problem, preload_keys,
+                         refuse_bad_clip_setup)
 
-    from .wiring import build_gateway, build_listener, build_pool, preload_keys, refuse_bad_clip_setup
-
+    with_front = gateway and bool(settings.immich_url or settings.front_port)
+    if with_front and (problem := front_start_problem(settings)):
+        raise SystemExit(f"cnai: {problem}")
     stop = asyncio.Event()
     _stop_on_signals(stop)
     dsn = None
@@ -94,9 +96,11 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
         dsn = await _wait_for_database(args, settings, stop)
         if dsn is None:
             return
+    elif with_front:
+        dsn = resolve_dsn(args, settings)[0]  # the front connects when the first search comes
     pool = build_pool(settings)
     tasks = []
-    runner = None
+    runners = []
     if settings.preload:
         keys = preload_keys(settings) if listener else ["ocr"]
         errors = await pool.preload(keys)
@@ -112,11 +116,16 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
         tasks.append(asyncio.create_task(lst.run(), name="listener"))
     if gateway:
         app = build_gateway(pool, settings).app()
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, args.port)
-        await site.start()
-        print(f"cnai gateway listening on http://{settings.host}:{args.port} (MACHINE_LEARNING_URL)", flush=True)
+        front = build_front(pool, settings, dsn) if with_front else None
+        if front:
+            front.add_search_routes(app)
+        runners.append(await _serve(app, settings.host, args.port))
+        print(f"cnai gateway listening on http://{settings.host}:{args.port} (MACHINE_LEARNING_URL"
+              + (", and Immich's search endpoints for a reverse proxy)" if front else ")"), flush=True)
+        if front and settings.front_port:
+            runners.append(await _serve(front.door_app(), settings.host, settings.front_port))
+            print(f"cnai front door listening on http://{settings.host}:{settings.front_port} (open Immich here; "
+                  f"all but search goes to {settings.immich_url})", flush=True)
     if getattr(args, "watch", None):
         from .standalone import watch_folder
         tasks.append(asyncio.create_task(watch_folder(dsn, Path(args.watch), stop), name="watch"))
@@ -131,9 +140,17 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
         lst.stop()
     stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    if runner:
+    for runner in reversed(runners):
         await runner.cleanup()
     await pool.close()
+
+
+async def _serve(app, host: str, port: int):
+    from aiohttp import web
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
 
 
 async def cmd_serve(args, settings):

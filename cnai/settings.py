@@ -27,6 +27,20 @@ def _int(name: str, default: int) -> int:
     return int(_float(name, default))
 
 
+def parse_immich_url(raw: str) -> str:
+    """CNAI_IMMICH_URL: Immich's base URL as cnai reaches it, e.g. http://immich-server:2283 (no /api)."""
+    raw = raw.strip().rstrip("/")
+    if not raw:
+        return ""
+    from yarl import URL
+    url = URL(raw)
+    if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
+        raise SystemExit(f"CNAI_IMMICH_URL must look like http://immich-server:2283, got {raw!r}")
+    if url.path.rstrip("/").endswith("/api"):
+        raise SystemExit(f"CNAI_IMMICH_URL is Immich's base URL, without /api: {str(url.parent)!r}, not {raw!r}")
+    return raw
+
+
 def parse_path_map(raw: str) -> list[tuple[str, Path]]:
     """CNAI_PATH_MAP: 'immich_prefix=local_dir[,immich_prefix=local_dir...]'."""
     pairs = []
@@ -69,6 +83,10 @@ class Settings:
     host: str = field(default_factory=lambda: _env("CNAI_HOST", "0.0.0.0"))
     port: int = field(default_factory=lambda: _int("CNAI_PORT", 3003))
     upstream_ml_url: str = field(default_factory=lambda: _env("CNAI_UPSTREAM_ML_URL"))
+    # front: Immich's search box answered by cnai (on the gateway's port; the front door on its own)
+    immich_url: str = field(default_factory=lambda: parse_immich_url(_env("CNAI_IMMICH_URL")))
+    front_port: int = field(default_factory=lambda: _int("CNAI_FRONT_PORT", 0))  # 0: no front door
+    front_timeout_s: float = field(default_factory=lambda: _float("CNAI_FRONT_TIMEOUT_S", 10.0))
     # listener
     tasks: list[str] = field(default_factory=lambda: [
         t.strip() for t in _env("CNAI_TASKS", ",".join(TASKS)).split(",") if t.strip()])

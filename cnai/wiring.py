@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from front.app import Front, FrontConfig
+from front.search_db import SearchDatabase
 from gateway.app import Gateway, GatewayConfig
 from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_FACE_MODELS, serve_as_problem
 from inference import defaults
@@ -76,6 +78,27 @@ def build_gateway(pool: ModelPool, settings: Settings) -> Gateway:
                                        upstream_url=settings.upstream_ml_url))
 
 
+def clip_result_model(settings: Settings) -> str:
+    """How cnai.clip.model names the embeddings of the configured CLIP model."""
+    return f"cn-clip/{settings.clip_model}"
+
+
+def front_start_problem(settings: Settings) -> str | None:
+    """Why the front cannot run with these settings, or None."""
+    if settings.front_port and not settings.immich_url:
+        return "CNAI_FRONT_PORT needs CNAI_IMMICH_URL (Immich's base URL) to pass requests to"
+    if settings.front_timeout_s <= 0:
+        return f"CNAI_FRONT_TIMEOUT_S must be > 0, got {settings.front_timeout_s:g}"
+    return None
+
+
+def build_front(pool: ModelPool, settings: Settings, dsn: str) -> Front:
+    """Immich's search endpoints, answered from cnai.search; their DB pool serves cnai.search only."""
+    config = FrontConfig(immich_url=settings.immich_url, clip_text_key=f"clip-textual:{settings.clip_model}",
+                         clip_model=clip_result_model(settings), timeout_s=settings.front_timeout_s)
+    return Front(pool, config, SearchDatabase(dsn, settings.front_timeout_s))
+
+
 async def immich_clip_model(conn) -> str:
     """The CLIP model Immich is configured to use (system-config JSON), or its default."""
     return await conn.fetchval("SELECT cnai.immich_clip_model()")
@@ -144,7 +167,7 @@ def build_handlers(settings: Settings, mirror_clip: bool = False) -> dict:
     return {
         "ocr": OcrHandler("ocr", "ocr", model_name="rapidocr", det_min_score=settings.ocr_det_min_score,
                           rec_min_score=settings.ocr_rec_min_score, max_resolution=settings.ocr_max_resolution),
-        "clip": ClipHandler("clip", f"clip-visual:{settings.clip_model}", model_name=f"cn-clip/{settings.clip_model}",
+        "clip": ClipHandler("clip", f"clip-visual:{settings.clip_model}", model_name=clip_result_model(settings),
                             smart_search_names=tuple(settings.clip_serve_as) if mirror_clip else ()),
         "face": FaceHandler("face", f"face:{settings.face_model}", model_name=settings.face_model,
                             min_score=settings.face_min_score),
