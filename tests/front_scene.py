@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 
+import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 
 from cnai.settings import Settings
 from cnai.wiring import build_front, build_gateway
+from inference.defaults import CLIP_MODEL
 from tests.immich_standin import ImmichStandIn, asset_state
 
 STANDIN = ImmichStandIn()
@@ -72,3 +74,20 @@ async def running_standin(standin: ImmichStandIn | None = None):
     standin = standin or ImmichStandIn()
     async with TestServer(standin.app()) as server:
         yield standin, str(server.make_url("")).rstrip("/")
+
+
+# Fixtures for the front's test modules (imported there by name); each module provides `scene`, `pool` and
+# `models_dir`.
+@pytest_asyncio.fixture
+async def immich():
+    """An Immich API stand-in on a real port: (the stand-in, its URL)."""
+    async with running_standin() as standin_and_url:
+        yield standin_and_url
+
+
+@pytest_asyncio.fixture
+async def client(scene, immich, pool, dsn, models_dir):
+    """The gateway's app with the front's search routes, in front of the stand-in, on the seeded scene."""
+    _, url = immich
+    async with front_client(pool, front_settings(url, models_dir, clip_model=CLIP_MODEL), dsn) as c:
+        yield c

@@ -14,9 +14,11 @@ import pytest
 import pytest_asyncio
 
 from cnai.wiring import build_pool
+from inference.defaults import CLIP_MODEL
 from tests.conftest import stop_process
 from tests.front_scene import (ASSETS, NO_DTO, STANDIN, USERS, creds, front_client, front_settings, running_standin,
                                seed_scene)
+from tests.front_scene import client, immich  # noqa: F401 - fixtures
 from tests.immich_standin import ImmichStandIn
 
 WEB_SMART = {"page": 1, "withExif": True, "visibility": "timeline", "language": "zh-CN"}
@@ -50,19 +52,6 @@ async def pool(models_dir):
 async def scene(db):
     await seed_scene(db)
     return db
-
-
-@pytest_asyncio.fixture
-async def immich():
-    async with running_standin() as (standin, url):
-        yield standin, url
-
-
-@pytest_asyncio.fixture
-async def client(scene, immich, pool, dsn, models_dir):
-    standin, url = immich
-    async with front_client(pool, front_settings(url, models_dir), dsn) as c:
-        yield c
 
 
 async def cnai_ranking(db, query: str, owners: list[str], visibility: str = "timeline") -> list[str]:
@@ -274,8 +263,8 @@ def test_scene_is_complete():
 async def test_text_query_without_the_clip_model_here_goes_to_immich(client, scene, immich):
     """Photos embedded with cnai's CLIP (by a listener elsewhere), but no CLIP text model on this machine."""
     standin, _ = immich
-    await scene.execute("INSERT INTO cnai.clip (asset_id, model, embedding) VALUES ($1, 'cn-clip/ViT-B-16', $2)",
-                        ASSETS["alice-face"], "[" + ",".join(["0.04"] * 512) + "]")
+    await scene.execute("INSERT INTO cnai.clip (asset_id, model, embedding) VALUES ($1, $2, $3)",
+                        ASSETS["alice-face"], f"cn-clip/{CLIP_MODEL}", "[" + ",".join(["0.04"] * 512) + "]")
     rec = next(r for r in standin.recorded if r["request"]["situation"] == "alice-web-query")
     r = await client.post("/api/search/smart", json=rec["request"]["body"], headers=rec["request"]["headers"])
     assert r.status == 200 and await r.json() == rec["body"]

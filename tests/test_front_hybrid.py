@@ -8,15 +8,17 @@ import pytest_asyncio
 
 from cnai.wiring import build_pool
 from gateway.protocol import serialize_embedding
+from inference.defaults import CLIP_MODEL
 from inference.pool import Priority
 from tests.clip_fixtures import build_clip, save_official, tiny_vit
-from tests.front_scene import ASSETS, USERS, creds, front_client, front_settings, running_standin, seed_scene
+from tests.front_scene import ASSETS, USERS, creds, front_settings, seed_scene
+from tests.front_scene import client, immich  # noqa: F401 - fixtures
 
 pytest.importorskip("cn_clip")
 
 WEB_SMART = {"page": 1, "withExif": True, "visibility": "timeline", "language": "zh-CN"}
 NAMES = {v: k for k, v in ASSETS.items()}
-MODEL = "cn-clip/ViT-B-16"
+MODEL = f"cn-clip/{CLIP_MODEL}"
 
 
 @pytest.fixture(scope="module")
@@ -24,20 +26,20 @@ def models_dir(tmp_path_factory):
     from inference.clip.export import import_checkpoint
     work = tmp_path_factory.mktemp("front-clip")
     config = tiny_vit(512)
-    import_checkpoint(save_official(build_clip(config, seed=5), work / "tiny.pt"), "ViT-B-16", work / "models",
+    import_checkpoint(save_official(build_clip(config, seed=5), work / "tiny.pt"), CLIP_MODEL, work / "models",
                       model_config=config)
     return work / "models"
 
 
 @pytest_asyncio.fixture(scope="module")
 async def pool(models_dir):
-    pool = build_pool(front_settings("", models_dir, clip_model="ViT-B-16"))
+    pool = build_pool(front_settings("", models_dir, clip_model=CLIP_MODEL))
     yield pool
     await pool.close()
 
 
 async def embed(pool, text: str) -> str:
-    return serialize_embedding(await pool.run("clip-textual:ViT-B-16", text, Priority.INTERACTIVE))
+    return serialize_embedding(await pool.run(f"clip-textual:{CLIP_MODEL}", text, Priority.INTERACTIVE))
 
 
 @pytest_asyncio.fixture
@@ -54,19 +56,6 @@ async def scene(db, pool):
         await db.execute("INSERT INTO cnai.clip (asset_id, model, embedding) VALUES ($1, $2, $3::vector)",
                          ASSETS[name], MODEL, await embed(pool, name))
     return db
-
-
-@pytest_asyncio.fixture
-async def immich():
-    async with running_standin() as (standin, url):
-        yield standin, url
-
-
-@pytest_asyncio.fixture
-async def client(scene, immich, pool, dsn, models_dir):
-    _, url = immich
-    async with front_client(pool, front_settings(url, models_dir, clip_model="ViT-B-16"), dsn) as c:
-        yield c
 
 
 async def test_text_query_is_hybrid_ocr_and_clip(client, scene, pool, immich):
