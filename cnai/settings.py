@@ -5,6 +5,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from yarl import URL
+
 from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_DEFAULT_FACE
 from gateway.protocol import clean_name
 from inference import defaults
@@ -32,7 +34,6 @@ def parse_immich_url(raw: str) -> str:
     raw = raw.strip().rstrip("/")
     if not raw:
         return ""
-    from yarl import URL
     url = URL(raw)
     if url.scheme not in ("http", "https") or not url.host or url.query_string or url.fragment:
         raise SystemExit(f"CNAI_IMMICH_URL must look like http://immich-server:2283, got {raw!r}")
