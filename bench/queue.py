@@ -91,7 +91,7 @@ async def drain(dsn: str, n: int, workers: int, batch: int, naive: bool = False)
                 if rows:
                     claimed_total += len(rows)
                     done = await conn.fetchval("SELECT cnai.complete_jobs($1, $2)", name, [r[0] for r in rows])
-                    completed_total += done
+                    completed_total += len(done)
                 if tx:
                     await tx.commit()
                 if not rows:

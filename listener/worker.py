@@ -3,7 +3,8 @@
 Guarantees (see DESIGN.md): notifications are hints (it polls, and catches up on every (re)connect); a job it
 claims is leased and the lease renewed while it works; if it dies, the reaper in any listener re-queues the job
 once the lease expires; results and job completion commit in one transaction, after checking it still holds
-the job; SIGTERM finishes the batch in hand (up to a grace period) and hands back the rest.
+the job; SIGTERM finishes the batch in hand (up to a grace period) and hands back the rest. Its queries are in
+listener/queue.py.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -24,10 +26,10 @@ from inference.runtime import ModelMissingError
 
 from .errors import PermanentJobError
 from .paths import map_path
+from .queue import CHANNEL, Claimed, JobQueue
 from .tasks import TaskHandler
 
 log = logging.getLogger(__name__)
-CHANNEL = "cnai_job"
 
 # Errors that say "the database is away or busy", not "this result is wrong": lost or refused connections, a
 # server shutting down or starting up, too many clients, deadlock/serialization. Worth retrying as they are.
@@ -54,12 +56,17 @@ class ListenerConfig:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}")
 
 
+# What running one job came to.
 @dataclass
-class Claimed:
-    id: int
-    asset_id: object
-    task: str
-    attempts: int
+class Done:
+    image: Any
+    output: Any
+
+
+@dataclass
+class Failed:
+    error: str
+    permanent: bool
 
 
 class Listener:
@@ -69,6 +76,7 @@ class Listener:
         self.handlers = handlers
         self.config = config
         self.worker = config.worker_id
+        self.queue = JobQueue(self.worker, config.lease_s, config.backoff_base_s)
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.held: set[int] = set()
@@ -139,7 +147,7 @@ class Listener:
                     try:
                         await asyncio.wait_for(lost.wait(), timeout=10)
                     except asyncio.TimeoutError:
-                        await conn.execute("SELECT 1")  # notice a dead connection even when idle
+                        await self.queue.ping(conn)  # notice a dead connection even when idle
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -158,13 +166,12 @@ class Listener:
         while True:
             try:
                 async with self.db.acquire() as conn:
-                    reaped = await conn.fetchval("SELECT cnai.reap_expired()")
+                    reaped = await self.queue.reap(conn)
                     if reaped:
                         log.warning("re-queued %d job(s) whose lease expired", reaped)
                         self.wakeup.set()
                     if time.monotonic() - last_prune > 600:
-                        pruned = await conn.fetchval("SELECT cnai.prune_jobs($1)",
-                                                     timedelta(seconds=self.config.prune_after_s))
+                        pruned = await self.queue.prune(conn, self.config.prune_after_s)
                         last_prune = time.monotonic()
                         if pruned:
                             log.info("pruned %d finished job(s)", pruned)
@@ -180,10 +187,10 @@ class Listener:
             if not self.held:
                 continue
             try:
+                asked = set(self.held)
                 async with self.db.acquire() as conn:
-                    kept = await conn.fetch("SELECT cnai.renew_leases($1, $2, $3)", self.worker, list(self.held),
-                                            timedelta(seconds=self.config.lease_s))
-                lost = self.held - {r[0] for r in kept}
+                    kept = await self.queue.renew(conn, list(asked))
+                lost = (asked - kept) & self.held  # a batch that settled meanwhile let go of its jobs itself
                 if lost:
                     log.warning("lost the lease on %d job(s); their results will not be written", len(lost))
             except asyncio.CancelledError:
@@ -221,10 +228,7 @@ class Listener:
 
     async def _claim(self) -> list[Claimed]:
         async with self.db.acquire() as conn:
-            rows = await conn.fetch("SELECT * FROM cnai.claim_jobs($1, $2, $3, $4)", self.worker,
-                                    self.config.batch_size, self.config.tasks,
-                                    timedelta(seconds=self.config.lease_s))
-        jobs = [Claimed(r["id"], r["asset_id"], r["task"], r["attempts"]) for r in rows]
+            jobs = await self.queue.claim(conn, self.config.tasks, self.config.batch_size)
         self.held.update(j.id for j in jobs)
         return jobs
 
@@ -257,14 +261,10 @@ class Listener:
                 delay = min(delay * 2, 5)
 
     async def _preview_paths_once(self, asset_ids: list) -> dict:
-        """Per asset: (the preview Immich's own job would read, None) or (None, why cnai does not work on it)."""
         async with self.db.acquire() as conn:
-            rows = await conn.fetch("SELECT asset_id, path, skip_reason FROM cnai.job_preview_paths($1::uuid[])",
-                                    list(set(asset_ids)))
-        return {r["asset_id"]: (r["path"], r["skip_reason"]) for r in rows}
+            return await self.queue.preview_paths(conn, asset_ids)
 
-    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict):
-        """Returns ('ok', image, output) or ('error', message, permanent)."""
+    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict) -> Done | Failed:
         handler = self.handlers[job.task]
         path, skip_reason = preview
         try:
@@ -275,15 +275,16 @@ class Listener:
                 decoded[local] = asyncio.get_running_loop().run_in_executor(None, _read_image, local)
             image = await asyncio.shield(decoded[local])
             output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND)
-            return ("ok", image, output)
+            return Done(image, output)
         except asyncio.CancelledError:
             raise
         except (PermanentJobError, ModelMissingError) as e:
-            return ("error", str(e), True)
+            return Failed(str(e), True)
         except Exception as e:
             log.exception("job %s (%s) failed", job.id, job.task)
-            return ("error", f"{type(e).__name__}: {e}", False)
+            return Failed(f"{type(e).__name__}: {e}", False)
 
+    # --- settling -----------------------------------------------------------------------------------------------
     async def _settle(self, jobs: list[Claimed], outcomes: list) -> None:
         try:
             await self._retry_transient("writing results", self._settle_batch, jobs, outcomes)
@@ -295,48 +296,42 @@ class Listener:
             if len(jobs) == 1:
                 # the database refused this result (e.g. a constraint): a retryable failure, with the reason
                 await self._retry_transient("writing results", self._settle_batch, jobs,
-                                            [("error", f"writing the result failed: {e}", False)])
+                                            [Failed(f"writing the result failed: {e}", False)])
             else:  # find the offending result: settle one by one
                 for job, outcome in zip(jobs, outcomes):
                     await self._settle([job], [outcome])
 
     async def _settle_batch(self, jobs: list[Claimed], outcomes: list) -> None:
-        """Results and job states in one transaction, after locking the jobs this worker still holds."""
+        """Job states and results in one transaction; results only of the jobs this worker still held."""
+        done = [(j, o) for j, o in zip(jobs, outcomes) if isinstance(o, Done)]
+        failed = [(j, o) for j, o in zip(jobs, outcomes) if isinstance(o, Failed)]
+        settled: set[int] = set()
         async with self.db.acquire() as conn, conn.transaction():
-            owned = {r[0] for r in await conn.fetch("SELECT cnai.lock_owned($1, $2)", self.worker,
-                                                    [j.id for j in jobs])}
-            ok_ids, fail_ids, fail_errors, fail_permanent = [], [], [], []
-            for job, outcome in zip(jobs, outcomes):
-                if job.id not in owned:
-                    continue
-                if outcome[0] == "ok":
-                    await self.handlers[job.task].write(conn, job.asset_id, outcome[1], outcome[2])
-                    ok_ids.append(job.id)
-                else:
-                    fail_ids.append(job.id)
-                    fail_errors.append(outcome[1])
-                    fail_permanent.append(outcome[2])
-            if ok_ids:
-                await conn.execute("SELECT cnai.complete_jobs($1, $2)", self.worker, ok_ids)
-            if fail_ids:
-                await conn.execute("SELECT cnai.fail_jobs($1, $2, $3, $4, $5)", self.worker, fail_ids,
-                                   fail_errors, fail_permanent, timedelta(seconds=self.config.backoff_base_s))
-        self.processed += len(owned)
-        if len(owned) < len(jobs):
+            if done:
+                completed = await self.queue.complete(conn, [j.id for j, _ in done])
+                for job, outcome in done:
+                    if job.id in completed:
+                        await self.handlers[job.task].write(conn, job.asset_id, outcome.image, outcome.output)
+                settled |= completed
+            if failed:
+                settled |= await self.queue.fail(conn, [j.id for j, _ in failed], [o.error for _, o in failed],
+                                                 [o.permanent for _, o in failed])
+        self.processed += len(settled)
+        if len(settled) < len(jobs):
             # a retry after a commit whose answer was lost lands here too: nothing is written twice
-            log.warning("%d job(s) of this batch were not held any more (lease lost or already settled); "
-                        "not written", len(jobs) - len(owned))
+            log.warning("%d job(s) of this batch were not held any more (lease lost, asset deleted, or already "
+                        "settled); not written", len(jobs) - len(settled))
 
     async def _release(self, ids: list[int]) -> None:
         try:
             async with self.db.acquire() as conn:
-                await conn.execute("SELECT cnai.release_jobs($1, $2)", self.worker, ids)
-            log.info("handed back %d unfinished job(s)", len(ids))
+                released = await self.queue.release(conn, ids)
+            log.info("handed back %d unfinished job(s)", len(released))
         except Exception as e:
             log.warning("could not hand back %d job(s) (%s); they return when their lease expires", len(ids), e)
 
 
-def _read_image(path):
+def _read_image(path: Path):
     try:
         data = path.read_bytes()
     except FileNotFoundError:
