@@ -289,6 +289,48 @@ async def test_release_hands_back_without_spending_an_attempt(db):
     assert (row["state"], row["attempts"], row["worker"]) == ("queued", 0, None)
 
 
+async def test_claim_takes_requests_first_then_shares_the_batch_among_tasks(db):
+    assets = await bare_assets(db, 10)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) SELECT a, t FROM unnest($1::uuid[]) a, "
+                     "unnest('{clip,ocr}'::text[]) t", assets)
+    await request(db, assets[-1], ["face"])  # the newest asset, but a person asked
+    jobs = await claim(db, limit=5)
+    assert sorted(j["task"] for j in jobs) == ["clip", "clip", "face", "ocr", "ocr"]
+    oldest = {t: [r[0] for r in await db.fetch("SELECT id FROM cnai.job WHERE task = $1 ORDER BY id LIMIT 2", t)]
+              for t in ("clip", "ocr")}
+    assert {j["id"] for j in jobs if j["task"] != "face"} == set(oldest["clip"] + oldest["ocr"])  # FIFO per task
+    # one task left with work: it gets the whole batch
+    await db.execute("DELETE FROM cnai.job WHERE task = 'clip' AND state = 'queued'")
+    assert [j["task"] for j in await claim(db, limit=5)] == ["ocr"] * 5
+
+
+async def claim_work(db, unserved: int) -> int:
+    """Buffers a claim of 10 ocr jobs touches in cnai.job and its indexes, behind `unserved` queued clip and face
+    jobs (CNAI_TASKS=ocr without CLIP or face models: their jobs pile up, older than the ocr ones)."""
+    await db.execute("TRUNCATE asset, cnai.job CASCADE")
+    assets = await bare_assets(db, unserved // 2 + 20)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) SELECT a, t FROM unnest($1::uuid[]) a, "
+                     "unnest('{clip,face}'::text[]) t", assets[:unserved // 2])
+    await db.execute("INSERT INTO cnai.job (asset_id, task) SELECT a, 'ocr' FROM unnest($1::uuid[]) a", assets)
+    await db.execute("UPDATE cnai.job SET state = 'done' WHERE task = 'ocr' AND asset_id <> ALL($1)", assets[-20:])
+    await db.execute("VACUUM ANALYZE cnai.job")
+    for _ in range(6):  # a listener's connection claims again and again: PostgreSQL then plans it once for all
+        await claim(db, tasks=["ocr"], limit=1)
+    buffers = ("SELECT sum(pg_stat_get_xact_blocks_fetched(r))::bigint FROM (SELECT 'cnai.job'::regclass::oid AS r "
+               "UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = 'cnai.job'::regclass) x")
+    async with db.transaction():  # (the counters hold what this backend has not reported yet: take the difference)
+        before = await db.fetchval(buffers)
+        jobs = await claim(db, tasks=["ocr"], limit=10)
+        touched = await db.fetchval(buffers) - before
+    assert len(jobs) == 10
+    return touched
+
+
+async def test_claim_work_does_not_grow_with_unserved_jobs(db):
+    small, large = await claim_work(db, 1000), await claim_work(db, 20000)
+    assert large < small * 1.5, f"a claim touched {small} buffers behind 1k unserved jobs, {large} behind 20k"
+
+
 async def test_prune_removes_old_finished_jobs_only(db):
     assets = await bare_assets(db, 4)
     await db.executemany(

@@ -108,41 +108,92 @@ LANGUAGE sql STABLE AS $$
     FROM unnest(cnai.all_tasks()) AS t(task), intake;
 $$;
 
+-- Claim up to p_limit ready jobs of the given tasks for p_worker, under a lease. Task by task, each through its
+-- own index range (job_claim_by_task), so the queued jobs of tasks nobody serves are never read. Jobs a person
+-- asked for (priority 0) go first; the rest of the batch is shared equally among the tasks with ready work (the
+-- tasks with the oldest work get the odd slots), and what a task cannot use goes to the others, so the jobs of
+-- one asset tend to share a batch (one read and decode of its preview).
 CREATE OR REPLACE FUNCTION cnai.claim_jobs(p_worker text, p_limit integer, p_tasks text[], p_lease interval)
 RETURNS TABLE (id bigint, asset_id uuid, task text, attempts integer) LANGUAGE plpgsql AS $$
+DECLARE
+  ready text[];            -- served tasks with ready work, the best queue head first
+  head_priority smallint[];
+  active text[];           -- this round's tasks
+  still text[];            -- those that may have more
+  requests_round boolean := true;
+  max_priority smallint;
+  i integer;
+  want integer;
+  got integer;
+  room integer := p_limit;
+  shared integer;
 BEGIN
   IF EXISTS (SELECT FROM cnai.job_intake) THEN
     PERFORM cnai.take_intake();
   END IF;
-  RETURN QUERY
-  WITH picked AS (
-    SELECT q.id FROM cnai.job q
-     WHERE q.state = 'queued' AND q.run_after <= now() AND q.task = ANY (p_tasks)
-       -- the running twin of this (asset, task) must finish first: its result would overwrite ours
-       AND NOT EXISTS (SELECT FROM cnai.job r
-                        WHERE r.asset_id = q.asset_id AND r.task = q.task AND r.state = 'running'
-                        OFFSET 0)  -- keeps it a per-row index probe: an anti-join would scan all running jobs
-     ORDER BY q.priority, q.id
-     LIMIT p_limit
-     FOR UPDATE SKIP LOCKED
-  ), claimed AS (
-    UPDATE cnai.job j
-       SET state = 'running', attempts = j.attempts + 1, worker = p_worker,
-           lease_until = now() + p_lease, started_at = now()
-      FROM picked WHERE j.id = picked.id
-    RETURNING j.id, j.asset_id, j.task, j.attempts, j.priority
-  ), requests AS (
-    -- only priority-0 jobs have requests. A request row someone else holds right now (its asset being deleted,
-    -- or another of its jobs settling) is not waited for: settle_requests sets its status when its jobs finish.
-    UPDATE public.reprocess_request q SET status = 'running'
-     WHERE q.id = ANY (ARRAY(SELECT p.id FROM public.reprocess_request p
-                              WHERE p.status = 'pending'
-                                AND p.id IN (SELECT rj.request_id FROM claimed c JOIN cnai.request_job rj
-                                                                      ON rj.job_id = c.id
-                                              WHERE c.priority = 0)
-                              ORDER BY p.id FOR UPDATE SKIP LOCKED))
-  )
-  SELECT c.id, c.asset_id, c.task, c.attempts FROM claimed c ORDER BY c.id;
+  SELECT array_agg(t.task ORDER BY h.priority, h.id), array_agg(h.priority ORDER BY h.priority, h.id)
+    INTO ready, head_priority
+    FROM (SELECT DISTINCT u.task FROM unnest(p_tasks) AS u(task)) t
+    CROSS JOIN LATERAL (SELECT q.priority, q.id FROM cnai.job q
+                         WHERE q.task = t.task AND q.state = 'queued' AND q.run_after <= now()
+                         ORDER BY q.priority, q.id LIMIT 1) h;
+  IF ready IS NULL THEN
+    RETURN;
+  END IF;
+  -- the first round takes requests only, each task in turn as much as fits; the next ones share the room
+  active := ready[1 : (SELECT count(*) FROM unnest(head_priority) p WHERE p = 0)];
+  WHILE room > 0 AND (requests_round OR cardinality(active) > 0) LOOP
+    still := '{}';
+    shared := room;
+    FOR i IN 1 .. coalesce(cardinality(active), 0) LOOP
+      IF requests_round THEN
+        want := room;
+        max_priority := 0;
+      ELSE
+        want := shared / cardinality(active) + CASE WHEN i <= shared % cardinality(active) THEN 1 ELSE 0 END;
+        max_priority := 32767;
+      END IF;
+      got := 0;
+      IF want > 0 THEN
+        RETURN QUERY
+        WITH claimed AS (
+          UPDATE cnai.job j
+             SET state = 'running', attempts = j.attempts + 1, worker = p_worker, lease_until = now() + p_lease,
+                 started_at = now()
+           WHERE j.id = ANY (ARRAY(
+                   SELECT q.id FROM cnai.job q
+                    WHERE q.task = active[i] AND q.state = 'queued' AND q.priority <= max_priority
+                      AND q.run_after <= now()
+                      -- the running twin of this (asset, task) must finish first: its result would overwrite ours
+                      AND NOT EXISTS (SELECT FROM cnai.job r
+                                       WHERE r.asset_id = q.asset_id AND r.task = q.task AND r.state = 'running'
+                                       OFFSET 0)  -- a per-row index probe: an anti-join would read all running
+                    ORDER BY q.priority, q.id
+                    LIMIT want
+                    FOR UPDATE SKIP LOCKED))
+          RETURNING j.id, j.asset_id, j.task, j.attempts, j.priority
+        ), requests AS (
+          -- only priority-0 jobs have requests. A request row someone else holds right now (its asset being
+          -- deleted, or another of its jobs settling) is not waited for: settle_requests sets its status later.
+          UPDATE public.reprocess_request q SET status = 'running'
+           WHERE q.id = ANY (ARRAY(SELECT p.id FROM public.reprocess_request p
+                                    WHERE p.status = 'pending'
+                                      AND p.id IN (SELECT rj.request_id FROM claimed c JOIN cnai.request_job rj
+                                                                            ON rj.job_id = c.id
+                                                    WHERE c.priority = 0)
+                                    ORDER BY p.id FOR UPDATE SKIP LOCKED))
+        )
+        SELECT c.id, c.asset_id, c.task, c.attempts FROM claimed c;
+        GET DIAGNOSTICS got = ROW_COUNT;
+        room := room - got;
+      END IF;
+      IF got = want THEN  -- it may have more
+        still := still || active[i];
+      END IF;
+    END LOOP;
+    active := CASE WHEN requests_round THEN ready ELSE still END;
+    requests_round := false;
+  END LOOP;
 END $$;
 
 -- Finish the jobs of this list that p_worker still holds, and return their ids. Call it first in the
@@ -310,7 +361,7 @@ BEGIN
   DELETE FROM cnai.job j
    WHERE j.id = ANY (ARRAY(SELECT x.id FROM cnai.job x
                             WHERE x.state IN ('done', 'failed') AND x.finished_at < now() - p_older_than
-                            ORDER BY x.finished_at LIMIT p_limit FOR UPDATE SKIP LOCKED));
+                            ORDER BY x.id LIMIT p_limit FOR UPDATE SKIP LOCKED));
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END $$;
