@@ -27,11 +27,12 @@ class Claimed:
 class JobQueue:
     worker: str               # whose leases these are
     lease_s: float
+    max_attempts: int
     backoff_base_s: float
 
     async def claim(self, conn: asyncpg.Connection, tasks: list[str], limit: int) -> list[Claimed]:
-        rows = await conn.fetch("SELECT * FROM cnai.claim_jobs($1, $2, $3, $4)", self.worker, limit, tasks,
-                                timedelta(seconds=self.lease_s))
+        rows = await conn.fetch("SELECT * FROM cnai.claim_jobs($1, $2, $3, $4, $5)", self.worker, limit, tasks,
+                                timedelta(seconds=self.lease_s), self.max_attempts)
         return [Claimed(r["id"], r["asset_id"], r["task"], r["attempts"]) for r in rows]
 
     async def preview_paths(self, conn: asyncpg.Connection, asset_ids: list) -> dict:

@@ -50,6 +50,7 @@ class ListenerConfig:
     concurrency: int = 2          # batches in flight at once
     poll_interval_s: float = 2.0
     lease_s: float = 60.0
+    max_attempts: int = 5
     backoff_base_s: float = 5.0
     grace_s: float = 30.0         # SIGTERM: how long the batch in hand may take to finish
     prune_after_s: float = 7 * 86400
@@ -76,7 +77,7 @@ class Listener:
         self.handlers = handlers
         self.config = config
         self.worker = config.worker_id
-        self.queue = JobQueue(self.worker, config.lease_s, config.backoff_base_s)
+        self.queue = JobQueue(self.worker, config.lease_s, config.max_attempts, config.backoff_base_s)
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.held: set[int] = set()

@@ -1,9 +1,10 @@
 """The listener's behaviour around the queue, on a real PostgreSQL with the real listener in-process and fast
-stand-in models: Immich deleting assets while results are written."""
+stand-in models: Immich deleting assets while results are written, and the settings that shape its work."""
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import asyncpg
 import pytest
 from PIL import Image
 
-from cnai.wiring import build_handlers
+from cnai.settings import Settings
+from cnai.wiring import build_handlers, build_listener
 from inference.pool import ModelPool
 from listener.task_names import TASKS
 from listener.tasks import TaskHandler
@@ -38,6 +40,18 @@ class SlowWrite(TaskHandler):
     async def write(self, conn, asset_id, image, output) -> None:
         await asyncio.sleep(0.01)
         await self.inner.write(conn, asset_id, image, output)
+
+
+class HeldModel(EchoModel):
+    """Holds every batch until the test lets go (`release`), so a batch stays in hand as long as needed."""
+
+    def __init__(self, task: str, release: threading.Event):
+        super().__init__(task, 0)
+        self.release = release
+
+    def run_batch(self, items: list) -> list:
+        self.release.wait(60)
+        return super().run_batch(items)
 
 
 @pytest.fixture
@@ -102,3 +116,80 @@ async def test_immich_deletes_never_deadlock_with_settling(db, dsn, preview, cap
         if table != "cnai.job":
             assert left == kept, f"{table}: results missing for {len(kept - left)} kept asset(s)"
     assert {r["state"] for r in (await states(db)).values()} == {"done"}
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+LISTENER_ENV = {  # variable -> (value, ListenerConfig field, expected)
+    "CNAI_TASKS": ("ocr,face", "tasks", ["ocr", "face"]),
+    "CNAI_BATCH_SIZE": ("7", "batch_size", 7),
+    "CNAI_CONCURRENCY": ("3", "concurrency", 3),
+    "CNAI_LEASE_S": ("42", "lease_s", 42.0),
+    "CNAI_POLL_INTERVAL_S": ("0.7", "poll_interval_s", 0.7),
+    "CNAI_MAX_ATTEMPTS": ("9", "max_attempts", 9),
+    "CNAI_BACKOFF_BASE_S": ("1.5", "backoff_base_s", 1.5),
+    "CNAI_PRUNE_AFTER_S": ("3600", "prune_after_s", 3600.0),
+    "CNAI_PATH_MAP": ("/usr/src/app/upload=/mnt/immich", "path_map", [("/usr/src/app/upload", Path("/mnt/immich"))]),
+}
+
+
+@pytest.mark.parametrize("variable", sorted(LISTENER_ENV))
+def test_listener_setting_reaches_the_listener(variable, monkeypatch):
+    value, attribute, expected = LISTENER_ENV[variable]
+    monkeypatch.setenv(variable, value)
+    listener = build_listener("postgresql://unused", ModelPool(), Settings())
+    assert getattr(listener.config, attribute) == expected
+    if attribute in ("lease_s", "max_attempts", "backoff_base_s"):  # the values the queue's calls carry
+        assert getattr(listener.queue, attribute) == expected
+
+
+@pytest.mark.parametrize("variable,value", [("CNAI_BATCH_SIZE", "0"), ("CNAI_CONCURRENCY", "0"),
+                                            ("CNAI_MAX_ATTEMPTS", "0"), ("CNAI_LEASE_S", "0"),
+                                            ("CNAI_POLL_INTERVAL_S", "-1"), ("CNAI_TASKS", " "),
+                                            ("CNAI_TASKS", "ocr,faces")])
+def test_listener_setting_out_of_range_is_refused(variable, value, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SystemExit, match=variable):
+        Settings()
+
+
+async def test_batch_size_and_concurrency_bound_the_work_in_hand(db, dsn, preview):
+    owner = await make_user(db)
+    for _ in range(20):
+        await make_asset(db, owner, preview)
+    release = threading.Event()
+    settings = listener_settings(["ocr"], batch_size=3, concurrency=2)
+    pool = echo_pool(settings, lambda task: HeldModel(task, release))
+    try:
+        async with running_listener(dsn, pool, settings):
+            await wait_for(lambda: db.fetchval("SELECT count(*) = 6 FROM cnai.job WHERE state = 'running'"))
+            await asyncio.sleep(0.5)  # and no more than that
+            assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running'") == 6
+            release.set()
+    finally:
+        release.set()
+        await pool.close()
+
+
+async def ocr_job_once_failed(db, dsn, settings, pool, asset):
+    """Runs the listener until the asset's ocr job has failed; returns that job."""
+    try:
+        async with running_listener(dsn, pool, settings):
+            await wait_for(lambda: db.fetchval(
+                "SELECT state = 'failed' FROM cnai.job WHERE asset_id = $1 AND task = 'ocr'", asset), timeout=30)
+    finally:
+        await pool.close()
+    return await db.fetchrow("SELECT attempts, error FROM cnai.job WHERE asset_id = $1 AND task = 'ocr'", asset)
+
+
+class BrokenModel(EchoModel):
+    def run_batch(self, items: list) -> list:
+        return [RuntimeError("the model crashed") for _ in items]
+
+
+async def test_max_attempts_setting_is_the_retry_budget(db, dsn, preview):
+    owner = await make_user(db)
+    asset = await make_asset(db, owner, preview)
+    settings = listener_settings(["ocr"], max_attempts=2, backoff_base_s=0.05)
+    row = await ocr_job_once_failed(db, dsn, settings, echo_pool(settings, lambda task: BrokenModel(task, 0)), asset)
+    assert row["attempts"] == 2  # the column's default budget is 5
+    assert row["error"] == "RuntimeError: the model crashed (gave up after 2 attempts)"

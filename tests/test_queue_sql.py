@@ -289,6 +289,24 @@ async def test_release_hands_back_without_spending_an_attempt(db):
     assert (row["state"], row["attempts"], row["worker"]) == ("queued", 0, None)
 
 
+async def test_claim_gives_the_listeners_attempt_budget(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)  # column default: 5
+    for attempt in (1, 2):
+        await db.execute("UPDATE ONLY cnai.job SET run_after = now() WHERE state = 'queued'")
+        [job] = await db.fetch("SELECT * FROM cnai.claim_jobs('w', 10, '{ocr}', '1 minute', 2)")
+        await db.execute("SELECT cnai.fail_jobs('w', $1, $2, $3)", [job["id"]], ["timeout"], [False])
+    row = await db.fetchrow("SELECT state, error, max_attempts FROM cnai.job WHERE id = $1", job["id"])
+    assert (row["state"], row["error"], row["max_attempts"]) == ("failed", "timeout (gave up after 2 attempts)", 2)
+    # the reaper, in whichever listener, keeps to the budget the claim gave
+    [other] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task, attempts) VALUES ($1, 'ocr', 2)", other)
+    await db.fetch("SELECT * FROM cnai.claim_jobs('dead', 10, '{ocr}', '1 millisecond', 3)")
+    await asyncio.sleep(0.05)
+    assert await db.fetchval("SELECT cnai.reap_expired()") == 1
+    assert await db.fetchval("SELECT state FROM cnai.job WHERE asset_id = $1", other) == "failed"
+
+
 async def test_claim_takes_requests_first_then_shares_the_batch_among_tasks(db):
     assets = await bare_assets(db, 10)
     await db.execute("INSERT INTO cnai.job (asset_id, task) SELECT a, t FROM unnest($1::uuid[]) a, "

@@ -10,6 +10,7 @@
 -- order), and the rest never wait (SKIP LOCKED). A job whose asset was deleted meanwhile is simply gone.
 
 -- Signatures that changed (a changed return type or argument list needs the old function dropped first).
+DROP FUNCTION IF EXISTS cnai.claim_jobs(text, integer, text[], interval);
 DROP FUNCTION IF EXISTS cnai.lock_owned(text, bigint[]);
 DROP FUNCTION IF EXISTS cnai.complete_jobs(text, bigint[]);
 DROP FUNCTION IF EXISTS cnai.fail_jobs(text, bigint[], text[], boolean[], interval, interval);
@@ -112,8 +113,10 @@ $$;
 -- own index range (job_claim_by_task), so the queued jobs of tasks nobody serves are never read. Jobs a person
 -- asked for (priority 0) go first; the rest of the batch is shared equally among the tasks with ready work (the
 -- tasks with the oldest work get the odd slots), and what a task cannot use goes to the others, so the jobs of
--- one asset tend to share a batch (one read and decode of its preview).
-CREATE OR REPLACE FUNCTION cnai.claim_jobs(p_worker text, p_limit integer, p_tasks text[], p_lease interval)
+-- one asset tend to share a batch (one read and decode of its preview). p_max_attempts (the listener's
+-- CNAI_MAX_ATTEMPTS) becomes each claimed job's budget.
+CREATE OR REPLACE FUNCTION cnai.claim_jobs(p_worker text, p_limit integer, p_tasks text[], p_lease interval,
+                                           p_max_attempts integer DEFAULT NULL)
 RETURNS TABLE (id bigint, asset_id uuid, task text, attempts integer) LANGUAGE plpgsql AS $$
 DECLARE
   ready text[];            -- served tasks with ready work, the best queue head first
@@ -159,7 +162,7 @@ BEGIN
         WITH claimed AS (
           UPDATE cnai.job j
              SET state = 'running', attempts = j.attempts + 1, worker = p_worker, lease_until = now() + p_lease,
-                 started_at = now()
+                 started_at = now(), max_attempts = coalesce(p_max_attempts, j.max_attempts)
            WHERE j.id = ANY (ARRAY(
                    SELECT q.id FROM cnai.job q
                     WHERE q.task = active[i] AND q.state = 'queued' AND q.priority <= max_priority
