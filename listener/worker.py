@@ -3,8 +3,8 @@
 Guarantees (see DESIGN.md): notifications are hints (it polls, and catches up on every (re)connect); a job it
 claims is leased and the lease renewed while it works; if it dies, the reaper in any listener re-queues the job
 once the lease expires; results and job completion commit in one transaction, after checking it still holds
-the job; SIGTERM finishes the batch in hand (up to a grace period) and hands back the rest. Its queries are in
-listener/queue.py.
+the job; SIGTERM finishes the batch in hand (up to a grace period) and hands back the rest at once, without
+spending their attempts. Its queries are in listener/queue.py.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class ListenerConfig:
     lease_s: float = 60.0
     max_attempts: int = 5
     backoff_base_s: float = 5.0
-    grace_s: float = 30.0         # SIGTERM: how long the batch in hand may take to finish
+    grace_s: float = 8.0          # SIGTERM: how long the batch in hand may take to finish before it is handed back
     prune_after_s: float = 7 * 86400
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}")
 
@@ -84,6 +84,7 @@ class Listener:
         self.db: asyncpg.Pool | None = None
         self.processed = 0
         self.connected = asyncio.Event()
+        self._handing_back: set[asyncio.Task] = set()
         unknown = set(config.tasks) - set(handlers)
         if unknown:
             raise ValueError(f"no handler for task(s) {sorted(unknown)}")
@@ -103,12 +104,13 @@ class Listener:
                      self.config.grace_s)
             done, pending = await asyncio.wait(workers, timeout=self.config.grace_s)
             for t in pending:
-                t.cancel()
+                t.cancel()  # a cancelled batch hands its jobs back (_process)
             await asyncio.gather(*pending, return_exceptions=True)
         finally:
             for t in aux + workers:
                 t.cancel()
             await asyncio.gather(*aux, *workers, return_exceptions=True)
+            await asyncio.gather(*self._handing_back, return_exceptions=True)
             if self.held:
                 await self._release(list(self.held))
             await self.db.close()
@@ -240,8 +242,19 @@ class Listener:
             gone = (None, "asset no longer exists")
             outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id, gone), decoded) for j in jobs))
             await self._settle(jobs, outcomes)
+        except asyncio.CancelledError:
+            # the stop's grace period ran out: hand the batch back now rather than when its leases expire
+            await self._hand_back([j.id for j in jobs])
+            raise
         finally:
             self.held.difference_update(j.id for j in jobs)
+
+    async def _hand_back(self, ids: list[int]) -> None:
+        """Release the jobs even if the caller is cancelled again: run() waits for it before closing the pool."""
+        task = asyncio.ensure_future(self._release(ids))
+        self._handing_back.add(task)
+        task.add_done_callback(self._handing_back.discard)
+        await asyncio.shield(task)
 
     async def _preview_paths(self, asset_ids: list) -> dict:
         return await self._retry_transient("reading preview paths", self._preview_paths_once, asset_ids)

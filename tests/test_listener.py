@@ -1,5 +1,6 @@
 """The listener's behaviour around the queue, on a real PostgreSQL with the real listener in-process and fast
-stand-in models: Immich deleting assets while results are written, and the settings that shape its work."""
+stand-in models: Immich deleting assets while results are written, stopping with a batch in hand, and the settings
+that shape its work."""
 from __future__ import annotations
 
 import asyncio
@@ -118,6 +119,34 @@ async def test_immich_deletes_never_deadlock_with_settling(db, dsn, preview, cap
     assert {r["state"] for r in (await states(db)).values()} == {"done"}
 
 
+# --- stopping ------------------------------------------------------------------------------------------------------
+async def test_stop_hands_back_the_batch_in_hand(db, dsn, preview):
+    """Past the grace period a batch is cancelled: its jobs go back at once, queued, with their attempt refunded
+    and no error (not left 'running' until the lease expires, an attempt spent, "lease expired" recorded)."""
+    owner = await make_user(db)
+    assets = [await make_asset(db, owner, preview) for _ in range(3)]
+    release = threading.Event()
+    settings = listener_settings(["ocr"], batch_size=3, concurrency=1, lease_s=30)
+    pool = echo_pool(settings, lambda task: HeldModel(task, release))
+    listener = build_listener(dsn, pool, settings)
+    listener.config.grace_s = 0.3
+    run = asyncio.create_task(listener.run())
+    try:
+        await wait_for(lambda: db.fetchval(
+            "SELECT count(*) = 3 FROM cnai.job WHERE task = 'ocr' AND state = 'running'"), timeout=30)
+        listener.stop()
+        await asyncio.wait_for(run, 1 + listener.config.grace_s)
+        rows = await db.fetch("SELECT state, attempts, error, worker FROM cnai.job WHERE task = 'ocr'")
+        assert len(rows) == len(assets)
+        assert [(r["state"], r["attempts"], r["error"], r["worker"]) for r in rows] == \
+            [("queued", 0, None, None)] * len(assets)
+    finally:
+        release.set()
+        if not run.done():
+            run.cancel()
+        await pool.close()
+
+
 # --- settings ------------------------------------------------------------------------------------------------------
 LISTENER_ENV = {  # variable -> (value, ListenerConfig field, expected)
     "CNAI_TASKS": ("ocr,face", "tasks", ["ocr", "face"]),
@@ -128,6 +157,7 @@ LISTENER_ENV = {  # variable -> (value, ListenerConfig field, expected)
     "CNAI_MAX_ATTEMPTS": ("9", "max_attempts", 9),
     "CNAI_BACKOFF_BASE_S": ("1.5", "backoff_base_s", 1.5),
     "CNAI_PRUNE_AFTER_S": ("3600", "prune_after_s", 3600.0),
+    "CNAI_STOP_GRACE_S": ("4", "grace_s", 4.0),
     "CNAI_PATH_MAP": ("/usr/src/app/upload=/mnt/immich", "path_map", [("/usr/src/app/upload", Path("/mnt/immich"))]),
 }
 
