@@ -24,7 +24,7 @@ from inference.images import ImageDecodeError, decode_image
 from inference.pool import ModelPool, Priority
 from inference.runtime import ModelMissingError
 
-from .errors import PermanentJobError
+from .errors import PermanentJobError, StorageUnavailableError
 from .paths import map_path
 from .queue import CHANNEL, Claimed, JobQueue
 from .tasks import TaskHandler
@@ -70,6 +70,11 @@ class Failed:
     permanent: bool
 
 
+@dataclass
+class Deferred:  # its storage is away: it waits, without spending an attempt
+    error: StorageUnavailableError
+
+
 class Listener:
     def __init__(self, dsn: str, pool: ModelPool, handlers: dict[str, TaskHandler], config: ListenerConfig):
         self.dsn = dsn
@@ -81,6 +86,7 @@ class Listener:
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.held: set[int] = set()
+        self.missing_roots: set[Path] = set()  # while any is missing, nothing is claimed
         self.db: asyncpg.Pool | None = None
         self.processed = 0
         self.connected = asyncio.Event()
@@ -205,14 +211,15 @@ class Listener:
     async def _work_forever(self, index: int) -> None:
         while not self.stopping.is_set():
             self.wakeup.clear()  # before claiming, so a NOTIFY during the claim is not lost
-            try:
-                jobs = await self._claim()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("claim failed: %s", e)
-                jobs = []
-                await asyncio.sleep(min(self.config.poll_interval_s, 1.0))
+            jobs = []
+            if await self._storage_ready():
+                try:
+                    jobs = await self._claim()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("claim failed: %s", e)
+                    await asyncio.sleep(min(self.config.poll_interval_s, 1.0))
             if not jobs:
                 try:
                     await asyncio.wait_for(self.wakeup.wait(), timeout=self.config.poll_interval_s)
@@ -278,7 +285,7 @@ class Listener:
         async with self.db.acquire() as conn:
             return await self.queue.preview_paths(conn, asset_ids)
 
-    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict) -> Done | Failed:
+    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict) -> Done | Failed | Deferred:
         handler = self.handlers[job.task]
         path, skip_reason = preview
         try:
@@ -286,17 +293,35 @@ class Listener:
                 raise PermanentJobError(skip_reason)
             local = map_path(path, self.config.path_map)
             if local not in decoded:
-                decoded[local] = asyncio.get_running_loop().run_in_executor(None, _read_image, local)
+                decoded[local] = asyncio.get_running_loop().run_in_executor(
+                    None, _read_image, local, mapped_root(local, self.config.path_map))
             image = await asyncio.shield(decoded[local])
             output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND)
             return Done(image, output)
         except asyncio.CancelledError:
             raise
+        except StorageUnavailableError as e:
+            self._storage_missing(e.root)
+            return Deferred(e)
         except (PermanentJobError, ModelMissingError) as e:
             return Failed(str(e), True)
         except Exception as e:
             log.exception("job %s (%s) failed", job.id, job.task)
             return Failed(f"{type(e).__name__}: {e}", False)
+
+    # --- storage outages: wait for the mapped root instead of failing every job ----------------------------------
+    def _storage_missing(self, root: Path) -> None:
+        if root not in self.missing_roots:
+            self.missing_roots.add(root)
+            log.warning("mapped root %s is missing or empty (unmounted?): its jobs wait without spending attempts, "
+                        "and this listener claims nothing until it is back", root)
+
+    async def _storage_ready(self) -> bool:
+        for root in list(self.missing_roots):
+            if not await asyncio.get_running_loop().run_in_executor(None, root_is_missing, root):
+                self.missing_roots.discard(root)
+                log.warning("mapped root %s is back: claiming again", root)
+        return not self.missing_roots
 
     # --- settling -----------------------------------------------------------------------------------------------
     async def _settle(self, jobs: list[Claimed], outcomes: list) -> None:
@@ -319,6 +344,10 @@ class Listener:
         """Job states and results in one transaction; results only of the jobs this worker still held."""
         done = [(j, o) for j, o in zip(jobs, outcomes) if isinstance(o, Done)]
         failed = [(j, o) for j, o in zip(jobs, outcomes) if isinstance(o, Failed)]
+        deferred: dict[str, list[int]] = {}
+        for j, o in zip(jobs, outcomes):
+            if isinstance(o, Deferred):
+                deferred.setdefault(str(o.error), []).append(j.id)
         settled: set[int] = set()
         async with self.db.acquire() as conn, conn.transaction():
             if done:
@@ -330,6 +359,8 @@ class Listener:
             if failed:
                 settled |= await self.queue.fail(conn, [j.id for j, _ in failed], [o.error for _, o in failed],
                                                  [o.permanent for _, o in failed])
+            for reason, ids in deferred.items():
+                settled |= await self.queue.release(conn, ids, reason, self.config.backoff_base_s)
         self.processed += len(settled)
         if len(settled) < len(jobs):
             # a retry after a commit whose answer was lost lands here too: nothing is written twice
@@ -345,10 +376,36 @@ class Listener:
             log.warning("could not hand back %d job(s) (%s); they return when their lease expires", len(ids), e)
 
 
-def _read_image(path: Path):
+def mapped_root(local: Path, path_map: list[tuple[str, Path]]) -> Path | None:
+    """The local root of CNAI_PATH_MAP that `local` lies under.
+
+    Without a map there is none, and a missing preview is always the job's own failure: paths are Immich's
+    own, and any folder above a preview may rightly be missing or empty once Immich removed an asset's files, so
+    taking that for an outage would retry a deleted photo forever. (An identity map, /usr/src/app/upload=
+    /usr/src/app/upload, turns the check on for a share mounted at Immich's own path.)
+    """
+    for _, root in path_map:
+        for candidate in (Path(os.path.normpath(root)), Path(os.path.realpath(root))):  # map_path resolves links
+            if candidate == local or candidate in local.parents:
+                return Path(os.path.normpath(root))
+    return None
+
+
+def root_is_missing(root: Path) -> bool:
+    """Missing, or an empty folder: what an unmounted share's mount point looks like."""
+    try:
+        with os.scandir(root) as entries:
+            return next(entries, None) is None
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+
+
+def _read_image(path: Path, root: Path | None = None):
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if root is not None and root_is_missing(root):
+            raise StorageUnavailableError(root) from None
         raise PermanentJobError(f"preview file not found: {path}") from None
     except IsADirectoryError:
         raise PermanentJobError(f"preview path is a directory: {path}") from None

@@ -1,6 +1,6 @@
 """The listener's behaviour around the queue, on a real PostgreSQL with the real listener in-process and fast
-stand-in models: Immich deleting assets while results are written, stopping with a batch in hand, and the settings
-that shape its work."""
+stand-in models: Immich deleting assets while results are written, stopping with a batch in hand, the settings
+that shape its work, and a mapped root that is not mounted."""
 from __future__ import annotations
 
 import asyncio
@@ -223,3 +223,48 @@ async def test_max_attempts_setting_is_the_retry_budget(db, dsn, preview):
     row = await ocr_job_once_failed(db, dsn, settings, echo_pool(settings, lambda task: BrokenModel(task, 0)), asset)
     assert row["attempts"] == 2  # the column's default budget is 5
     assert row["error"] == "RuntimeError: the model crashed (gave up after 2 attempts)"
+
+
+# --- a mapped root that is not mounted ---------------------------------------------------------------------------
+@pytest.mark.parametrize("root_state", ["missing", "empty"])
+async def test_unmounted_root_waits_without_spending_attempts(db, dsn, photo_dir, preview, root_state, caplog):
+    mount = photo_dir / "mnt"
+    if root_state == "empty":
+        mount.mkdir()  # a mount point with nothing mounted on it
+    owner = await make_user(db)
+    for i in range(3):
+        await make_asset(db, owner, Path("/usr/src/app/upload/thumbs") / f"{i}.jpg")
+    settings = listener_settings(["ocr"], path_map=[("/usr/src/app/upload", mount)], backoff_base_s=0.1)
+    pool = echo_pool(settings)
+    caplog.set_level(logging.WARNING, logger="listener")
+    try:
+        async with running_listener(dsn, pool, settings):
+            await wait_for(lambda: db.fetchval(
+                "SELECT count(*) = 3 FROM cnai.job WHERE task = 'ocr' AND error IS NOT NULL"), timeout=30)
+            await asyncio.sleep(1.5)  # several poll rounds: nothing is spent, nothing fails
+            rows = await db.fetch("SELECT state, attempts, error FROM cnai.job WHERE task = 'ocr'")
+            assert {(r["state"], r["attempts"], r["error"]) for r in rows} == {
+                ("queued", 0, f"mapped root {mount} is missing or empty (unmounted?)")}
+            # mounted again: the work goes through
+            (mount / "thumbs").mkdir(parents=True, exist_ok=True)
+            for i in range(3):
+                (mount / "thumbs" / f"{i}.jpg").write_bytes(preview.read_bytes())
+            await wait_for(lambda: db.fetchval(
+                "SELECT count(*) = 3 FROM cnai.job WHERE task = 'ocr' AND state = 'done'"), timeout=30)
+    finally:
+        await pool.close()
+    rows = await db.fetch("SELECT attempts FROM cnai.job WHERE task = 'ocr'")
+    assert [r["attempts"] for r in rows] == [1, 1, 1]
+    missing_logs = [r for r in caplog.records if "is missing or empty" in r.getMessage()]
+    assert len(missing_logs) == 1  # said once, not once per job or poll
+
+
+async def test_missing_file_under_a_present_root_fails_at_once(db, dsn, photo_dir, preview):
+    mount = photo_dir / "mnt"
+    (mount / "thumbs").mkdir(parents=True)
+    (mount / "thumbs" / "other.jpg").write_bytes(preview.read_bytes())
+    owner = await make_user(db)
+    asset = await make_asset(db, owner, Path("/usr/src/app/upload/thumbs/gone.jpg"))
+    settings = listener_settings(["ocr"], path_map=[("/usr/src/app/upload", mount)])
+    row = await ocr_job_once_failed(db, dsn, settings, echo_pool(settings), asset)
+    assert row["attempts"] == 1 and row["error"].startswith("preview file not found")

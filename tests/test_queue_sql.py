@@ -289,6 +289,19 @@ async def test_release_hands_back_without_spending_an_attempt(db):
     assert (row["state"], row["attempts"], row["worker"]) == ("queued", 0, None)
 
 
+async def test_release_with_a_reason_waits_without_spending_an_attempt(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)
+    [job] = await claim(db, "w", ["ocr"])
+    reason = "mapped root /mnt/immich is missing or empty (unmounted?)"
+    assert await db.fetchval("SELECT cnai.release_jobs('w', $1, $2, '1 minute')", [job["id"]], reason) == [job["id"]]
+    row = await db.fetchrow("SELECT state, attempts, error, extract(epoch FROM run_after - now()) AS wait "
+                            "FROM cnai.job WHERE id = $1", job["id"])
+    assert (row["state"], row["attempts"], row["error"]) == ("queued", 0, reason)
+    assert row["wait"] == pytest.approx(60, abs=2)
+    assert await claim(db, "w", ["ocr"]) == []  # not before its delay
+
+
 async def test_claim_gives_the_listeners_attempt_budget(db):
     [asset] = await bare_assets(db, 1)
     await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)  # column default: 5
