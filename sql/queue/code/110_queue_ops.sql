@@ -92,7 +92,9 @@ BEGIN
   INSERT INTO cnai.job (asset_id, task, created_at)
   SELECT m.asset_id, t.task, min(m.queued_at)
     FROM unnest(taken_assets, taken_at) AS m(asset_id, queued_at) CROSS JOIN unnest(cnai.all_tasks()) AS t(task)
-   WHERE EXISTS (SELECT FROM public.asset a WHERE a.id = m.asset_id)
+   -- an asset hidden or trashed since its preview was written is skipped, as Immich's own ML skips it
+   WHERE EXISTS (SELECT FROM public.asset a
+                  WHERE a.id = m.asset_id AND cnai.asset_skip_reason(a.visibility::text, a."deletedAt") IS NULL)
    GROUP BY m.asset_id, t.task
    ORDER BY min(m.queued_at), m.asset_id, t.task
   ON CONFLICT (asset_id, task) WHERE state = 'queued' DO NOTHING;
