@@ -2,7 +2,7 @@
 database. Each takes a connection and returns data; cnai/cli.py parses, calls and prints."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -66,6 +66,7 @@ class QueueStatus:
     failure_reasons: list  # (task, error, n), most frequent first
     recent_failures: list  # (task, asset_id, attempts, error)
     results: dict          # task -> assets with results
+    waiting_reasons: list = field(default_factory=list)  # (task, error, n, seconds to the next try): queued again
 
 
 async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStatus:
@@ -83,6 +84,11 @@ async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStat
     failed = await conn.fetch(
         "SELECT task, asset_id, attempts, error, finished_at FROM cnai.job WHERE state = 'failed' "
         "ORDER BY finished_at DESC NULLS LAST LIMIT $1", failed_limit)
+    # queued again after a failure that may pass (backoff, an unmounted root): what they wait for
+    waiting = await conn.fetch(
+        "SELECT task, error, count(*) AS n, greatest(extract(epoch FROM min(run_after) - now()), 0)::float8 AS next "
+        "FROM cnai.job WHERE state = 'queued' AND error IS NOT NULL GROUP BY 1, 2 ORDER BY n DESC LIMIT $1",
+        failed_limit)
     results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
                                   "(SELECT count(*) FROM cnai.clip) AS clip, "
                                   "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
@@ -92,7 +98,8 @@ async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStat
         expired_leases=expired,
         failure_reasons=[(r["task"], r["error"], r["n"]) for r in reasons],
         recent_failures=[(r["task"], r["asset_id"], r["attempts"], r["error"]) for r in failed],
-        results=dict(results))
+        results=dict(results),
+        waiting_reasons=[(r["task"], r["error"], r["n"], r["next"]) for r in waiting])
 
 
 # --- doctor ------------------------------------------------------------------------------------------------------

@@ -273,6 +273,10 @@ async def cmd_status(args, settings):
         print(f"running with an expired lease: {st.expired_leases} (a listener stopped; any listener's reaper "
               "re-queues them)")
     print(f"results: ocr {st.results['ocr']}, clip {st.results['clip']}, face (assets) {st.results['face']}")
+    if st.waiting_reasons:
+        print("queued again after a failure, by reason (retried automatically):")
+        for task, error, n, next_s in st.waiting_reasons:
+            print(f"  {n:>6d}  {task:5s} {error}  (next try in {next_s:.0f} s)")
     if st.failure_reasons:
         print("failed, by reason (`cnai retry --failed [--task T]` re-queues them):")
         for task, error, n in st.failure_reasons:

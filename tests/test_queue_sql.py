@@ -479,6 +479,13 @@ async def test_cli_status_and_retry(db, dsn):
                            (assets[2], "face", "face model missing: put buffalo_l in models/face")):
         await db.execute("INSERT INTO cnai.job (asset_id, task, state, attempts, error, finished_at, created_at) "
                          "VALUES ($1, $2, 'failed', 1, $3, now(), now() - interval '2 hours')", a, task, error)
+    await db.execute("INSERT INTO cnai.job (asset_id, task, attempts, error, run_after) "
+                     "VALUES ($1, 'clip', 0, 'mapped root /mnt/immich is missing or empty (unmounted?)', "
+                     "now() + interval '30 seconds')", assets[1])
+    out = await cnai("status", "--dsn", dsn)
+    assert "queued again after a failure" in out
+    assert "     1  clip  mapped root /mnt/immich is missing or empty (unmounted?)  (next try in" in out
+    await db.execute("DELETE FROM cnai.job WHERE task = 'clip' AND error IS NOT NULL")
     out = await cnai("status", "--dsn", dsn)
     table = out.split("oldest queued:")[0]
     counts = {(ln.split()[0], ln.split()[1]): int(ln.split()[2]) for ln in table.splitlines()[1:] if ln.strip()}
