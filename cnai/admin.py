@@ -129,6 +129,13 @@ TRIGGERS = (
     ("public.reprocess_request", "cnai_check_reprocess_request", "cnai.check_reprocess_request"),
     ("public.reprocess_request", "cnai_enqueue_reprocess_requests", "cnai.enqueue_reprocess_requests"),
 )
+# The ones that turn Immich's own reprocess buttons into cnai re-runs: attached only where Immich has the table
+# (sql/triggers/code/130_immich_reruns.sql).
+IMMICH_RERUN_TRIGGERS = tuple(
+    [("public.smart_search", f"cnai_follow_smart_search_{event}", "cnai.follow_immich_smart_search")
+     for event in ("insert", "update", "delete", "truncate")]
+    + [("public.asset_job_status", f"cnai_follow_job_status_{event}", "cnai.follow_immich_job_status")
+       for event in ("insert", "update")])
 
 
 async def database_summary(conn: asyncpg.Connection) -> tuple[str, int]:
@@ -149,11 +156,20 @@ async def check_triggers(conn: asyncpg.Connection) -> list[Finding]:
                   coalesce(p.proconfig, '{}') AS config
              FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
             WHERE NOT t.tgisinternal AND t.tgname LIKE 'cnai\\_%'""")}
+    absent = {r[0] for r in await conn.fetch("SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NULL",
+                                             sorted({table for table, _, _ in IMMICH_RERUN_TRIGGERS}))}
+    told: set[str] = set()
     findings = []
-    for table, name, function in TRIGGERS:
+    for table, name, function in TRIGGERS + IMMICH_RERUN_TRIGGERS:
         bare = table.removeprefix("public.")  # regclass prints public tables unqualified
         row = rows.get((bare, name)) or rows.get((table, name))
         subject = f"trigger {name} on {bare}"
+        if row is None and table in absent:
+            if table not in told:
+                told.add(table)
+                findings.append(Finding(True, f"triggers on {bare}", f"not attached: this Immich has no table "
+                                        f"{bare}, so its own reprocess buttons for it do not reach cnai", name))
+            continue
         if row is None:
             findings.append(Finding(False, subject, f"missing: {REAPPLY_TRIGGERS}", name))
             continue
