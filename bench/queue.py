@@ -4,8 +4,11 @@
 
 Starts its own embedded PostgreSQL in a temporary folder, migrates it, and drives the same SQL functions the
 listener uses (cnai.claim_jobs / cnai.complete_jobs), batched, from 1, 4 and 16 concurrent workers, beside a
-naive one-job-per-transaction loop measured in the same run. Prints the figures next to the published ones of
-other Postgres queues (reference/anchors.md §A). Durability is untouched (fsync, synchronous_commit on).
+bare batched `FOR UPDATE SKIP LOCKED` loop on a plain table (claim N, mark done: the floor any Postgres queue
+pays) and a naive one-job-per-transaction loop, measured in the same run. Then the claim's cost against a
+backlog of jobs nobody serves (CNAI_TASKS=ocr without CLIP or face models): it must stay flat. Prints the
+figures next to the published ones of other Postgres queues (reference/anchors.md §A). Durability is untouched
+(fsync, synchronous_commit on).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
+import contextlib  # noqa: E402
 import logging  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -91,7 +95,7 @@ async def drain(dsn: str, n: int, workers: int, batch: int, naive: bool = False)
                 if rows:
                     claimed_total += len(rows)
                     done = await conn.fetchval("SELECT cnai.complete_jobs($1, $2)", name, [r[0] for r in rows])
-                    completed_total += done
+                    completed_total += len(done)
                 if tx:
                     await tx.commit()
                 if not rows:
@@ -108,6 +112,91 @@ async def drain(dsn: str, n: int, workers: int, batch: int, naive: bool = False)
                            f"{left} not done")
     return {"jobs": n, "seconds": elapsed, "rate": n / elapsed,
             "claim_p50_ms": statistics.median(claim_ms)}
+
+
+BARE_TABLE = """
+    DROP TABLE IF EXISTS bench_bare;
+    CREATE TABLE bench_bare (
+      id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+      state text NOT NULL DEFAULT 'queued',
+      worker text,
+      lease_until timestamptz,
+      attempts integer NOT NULL DEFAULT 0,
+      finished_at timestamptz
+    );
+    CREATE INDEX bench_bare_queued ON bench_bare (id) WHERE state = 'queued';
+"""
+
+
+async def bare_drain(dsn: str, n: int, workers: int, batch: int) -> dict:
+    """The floor: a plain table, one index, claim N with FOR UPDATE SKIP LOCKED under a lease, then mark them
+    done, two short transactions per batch like the listener's; none of cnai's guarantees beyond that."""
+    async with _connection(dsn) as conn:
+        await conn.execute(BARE_TABLE)
+        await conn.execute("INSERT INTO bench_bare (state) SELECT 'queued' FROM generate_series(1, $1)", n)
+        await conn.execute("VACUUM ANALYZE bench_bare")
+    pool = await asyncpg.create_pool(dsn, min_size=workers, max_size=workers)
+    done_total = 0
+
+    async def worker(i: int):
+        nonlocal done_total
+        name = f"bare-{i}"
+        async with pool.acquire() as conn:
+            while True:
+                rows = await conn.fetch(
+                    """UPDATE bench_bare b SET state = 'running', worker = $1, attempts = b.attempts + 1,
+                              lease_until = now() + interval '60 seconds'
+                        WHERE b.id = ANY (ARRAY(SELECT q.id FROM bench_bare q WHERE q.state = 'queued'
+                                                 ORDER BY q.id LIMIT $2 FOR UPDATE SKIP LOCKED))
+                       RETURNING b.id""", name, batch)
+                if not rows:
+                    return
+                done = await conn.fetch(
+                    """UPDATE bench_bare SET state = 'done', finished_at = now(), lease_until = NULL
+                        WHERE id = ANY ($1) AND state = 'running' AND worker = $2 RETURNING id""",
+                    [r[0] for r in rows], name)
+                done_total += len(done)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker(i) for i in range(workers)))
+    elapsed = time.perf_counter() - start
+    await pool.close()
+    if done_total != n:
+        raise RuntimeError(f"bare loop lost track: {done_total} of {n} done")
+    return {"jobs": n, "seconds": elapsed, "rate": n / elapsed}
+
+
+async def claim_behind_unserved(dsn: str, unserved: int, ready: int, claims: int, batch: int) -> float:
+    """Median ms of an ocr-only claim (as CNAI_TASKS=ocr) behind `unserved` older queued clip and face jobs,
+    on one long-lived connection (as a listener's: PostgreSQL settles on one plan for the repeated claim)."""
+    async with _connection(dsn) as conn:
+        await conn.execute("TRUNCATE cnai.job CASCADE")
+        await conn.execute(
+            """INSERT INTO cnai.job (asset_id, task)
+               SELECT a.id, t.task FROM (SELECT id FROM asset ORDER BY id LIMIT $1) a
+               CROSS JOIN unnest('{clip,face}'::text[]) AS t(task)""", unserved // 2)
+        await conn.execute(
+            """INSERT INTO cnai.job (asset_id, task)
+               SELECT id, 'ocr' FROM (SELECT id FROM asset ORDER BY id LIMIT $1) a""", ready)
+        await conn.execute("VACUUM ANALYZE cnai.job")
+        times = []
+        for i in range(claims):
+            t0 = time.perf_counter()
+            rows = await conn.fetch("SELECT id FROM cnai.claim_jobs('bench', $1, '{ocr}', $2)", batch, LEASE)
+            times.append((time.perf_counter() - t0) * 1000)
+            if len(rows) != batch:
+                raise RuntimeError(f"claim {i} took {len(rows)} of {batch}")
+            await conn.execute("SELECT cnai.complete_jobs('bench', $1)", [r[0] for r in rows])
+    return statistics.median(times[5:])  # after the plan settled
+
+
+@contextlib.asynccontextmanager
+async def _connection(dsn: str):
+    conn = await asyncpg.connect(dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
 
 
 async def latency(dsn: str, samples: int) -> dict:
@@ -161,30 +250,39 @@ async def main(args) -> None:
         n_tp = 20_000 if args.quick else 60_000
         n_naive = 4_000 if args.quick else 10_000
         n_backlog = 20_000 if args.quick else 100_000
+        unserved_sizes = (1_000, 10_000, 100_000)
         conn = await asyncpg.connect(dsn)
-        await make_assets(conn, -(-max(n_tp, n_backlog) // len(TASKS)))
+        await make_assets(conn, max(-(-max(n_tp, n_backlog) // len(TASKS)), max(unserved_sizes) // 2))
 
-        results = {}
-        for workers in (1, 4, 16):
+        results, bare = {}, {}
+        for workers in (1, 4, 16):  # cnai's claim + complete, and the bare loop, side by side
             await fill(conn, n_tp)
             results[workers] = await drain(dsn, n_tp, workers, args.batch)
+            bare[workers] = await bare_drain(dsn, n_tp, workers, args.batch)
         await fill(conn, n_naive)
         naive = await drain(dsn, n_naive, 4, 1, naive=True)
         await fill(conn, n_backlog)
         backlog = await drain(dsn, n_backlog, 4, args.batch)
+        behind = {n: await claim_behind_unserved(dsn, n, ready=2_000, claims=100, batch=16) for n in unserved_sizes}
         lat = await latency(dsn, 100 if args.quick else 300)
         version = await conn.fetchval("SHOW server_version")
         await conn.close()
 
         print(f"\ncnai queue benchmark — PostgreSQL {version}, no-op task, fsync on, batch {args.batch}")
-        print(f"{'workers':>8} {'jobs':>8} {'seconds':>8} {'jobs/s':>9} {'claim p50':>10}")
+        print(f"{'workers':>8} {'jobs':>8} {'seconds':>8} {'jobs/s':>9} {'claim p50':>10} {'bare jobs/s':>12} "
+              f"{'cnai/bare':>9}")
         for w, r in results.items():
-            print(f"{w:>8} {r['jobs']:>8} {r['seconds']:>8.2f} {r['rate']:>9,.0f} {r['claim_p50_ms']:>8.2f}ms")
+            print(f"{w:>8} {r['jobs']:>8} {r['seconds']:>8.2f} {r['rate']:>9,.0f} {r['claim_p50_ms']:>8.2f}ms "
+                  f"{bare[w]['rate']:>12,.0f} {r['rate'] / bare[w]['rate']:>9.2f}")
+        print("  (bare: a plain table, one index, claim N FOR UPDATE SKIP LOCKED under a lease, mark done)")
         print(f"{'naive 4':>8} {naive['jobs']:>8} {naive['seconds']:>8.2f} {naive['rate']:>9,.0f} "
               f"{naive['claim_p50_ms']:>8.2f}ms   (one job per transaction, 4 workers)")
         print(f"batched / naive at 4 workers: {results[4]['rate'] / naive['rate']:.1f}x")
         print(f"backlog of {n_backlog:,} jobs, 4 workers: caught up in {backlog['seconds']:.2f} s "
               f"({backlog['rate']:,.0f} jobs/s)")
+        first = behind[unserved_sizes[0]]
+        print("claim of 16 ocr jobs (CNAI_TASKS=ocr) behind queued jobs nobody serves, median: " + ", ".join(
+            f"{n:,}: {ms:.2f} ms ({ms / first:.2f}x)" for n, ms in behind.items()))
         print(f"idle INSERT -> NOTIFY -> claim latency ({lat['n']} samples): p50 {lat['p50']:.2f} ms, "
               f"p99 {lat['p99']:.2f} ms")
         print("\npublished figures (their benchmarks, other hardware; reference/anchors.md §A):")

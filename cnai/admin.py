@@ -2,7 +2,7 @@
 database. Each takes a connection and returns data; cnai/cli.py parses, calls and prints."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -66,6 +66,7 @@ class QueueStatus:
     failure_reasons: list  # (task, error, n), most frequent first
     recent_failures: list  # (task, asset_id, attempts, error)
     results: dict          # task -> assets with results
+    waiting_reasons: list = field(default_factory=list)  # (task, error, n, seconds to the next try): queued again
 
 
 async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStatus:
@@ -83,6 +84,11 @@ async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStat
     failed = await conn.fetch(
         "SELECT task, asset_id, attempts, error, finished_at FROM cnai.job WHERE state = 'failed' "
         "ORDER BY finished_at DESC NULLS LAST LIMIT $1", failed_limit)
+    # queued again after a failure that may pass (backoff, an unmounted root): what they wait for
+    waiting = await conn.fetch(
+        "SELECT task, error, count(*) AS n, greatest(extract(epoch FROM min(run_after) - now()), 0)::float8 AS next "
+        "FROM cnai.job WHERE state = 'queued' AND error IS NOT NULL GROUP BY 1, 2 ORDER BY n DESC LIMIT $1",
+        failed_limit)
     results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
                                   "(SELECT count(*) FROM cnai.clip) AS clip, "
                                   "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
@@ -92,7 +98,8 @@ async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStat
         expired_leases=expired,
         failure_reasons=[(r["task"], r["error"], r["n"]) for r in reasons],
         recent_failures=[(r["task"], r["asset_id"], r["attempts"], r["error"]) for r in failed],
-        results=dict(results))
+        results=dict(results),
+        waiting_reasons=[(r["task"], r["error"], r["n"], r["next"]) for r in waiting])
 
 
 # --- doctor ------------------------------------------------------------------------------------------------------
@@ -122,6 +129,13 @@ TRIGGERS = (
     ("public.reprocess_request", "cnai_check_reprocess_request", "cnai.check_reprocess_request"),
     ("public.reprocess_request", "cnai_enqueue_reprocess_requests", "cnai.enqueue_reprocess_requests"),
 )
+# The ones that turn Immich's own reprocess buttons into cnai re-runs: attached only where Immich has the table
+# (sql/triggers/code/130_immich_reruns.sql).
+IMMICH_RERUN_TRIGGERS = tuple(
+    [("public.smart_search", f"cnai_follow_smart_search_{event}", "cnai.follow_immich_smart_search")
+     for event in ("insert", "update", "delete", "truncate")]
+    + [("public.asset_job_status", f"cnai_follow_job_status_{event}", "cnai.follow_immich_job_status")
+       for event in ("insert", "update")])
 
 
 async def database_summary(conn: asyncpg.Connection) -> tuple[str, int]:
@@ -142,11 +156,20 @@ async def check_triggers(conn: asyncpg.Connection) -> list[Finding]:
                   coalesce(p.proconfig, '{}') AS config
              FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
             WHERE NOT t.tgisinternal AND t.tgname LIKE 'cnai\\_%'""")}
+    absent = {r[0] for r in await conn.fetch("SELECT t FROM unnest($1::text[]) t WHERE to_regclass(t) IS NULL",
+                                             sorted({table for table, _, _ in IMMICH_RERUN_TRIGGERS}))}
+    told: set[str] = set()
     findings = []
-    for table, name, function in TRIGGERS:
+    for table, name, function in TRIGGERS + IMMICH_RERUN_TRIGGERS:
         bare = table.removeprefix("public.")  # regclass prints public tables unqualified
         row = rows.get((bare, name)) or rows.get((table, name))
         subject = f"trigger {name} on {bare}"
+        if row is None and table in absent:
+            if table not in told:
+                told.add(table)
+                findings.append(Finding(True, f"triggers on {bare}", f"not attached: this Immich has no table "
+                                        f"{bare}, so its own reprocess buttons for it do not reach cnai", name))
+            continue
         if row is None:
             findings.append(Finding(False, subject, f"missing: {REAPPLY_TRIGGERS}", name))
             continue

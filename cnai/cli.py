@@ -56,13 +56,21 @@ async def _prepare(args, settings) -> str:
 
 
 async def _wait_for_database(args, settings, stop: asyncio.Event) -> str | None:
-    """A service started before its database (boot order, a restart) waits for it instead of dying."""
+    """A service started before its database (boot order, a restart) waits for it instead of dying, and started
+    beside a new Immich (one compose project) waits for Immich's first start to create Immich's tables."""
+    from .db import ImmichSchemaMissing
     delay = 1.0
+    told_schema = False
     while not stop.is_set():
         try:
             return await _prepare(args, settings)
         except (OSError, asyncio.TimeoutError, ConnectionError) as e:
             log.warning("database not reachable (%s); retrying in %.0f s", e, delay)
+        except ImmichSchemaMissing as e:
+            if not told_schema:
+                log.warning("%s Waiting for Immich to create its tables (its first start); checking every few "
+                            "seconds", e)
+                told_schema = True
         except Exception as e:
             import asyncpg
             if not isinstance(e, (asyncpg.CannotConnectNowError, asyncpg.PostgresConnectionError)):
@@ -282,6 +290,10 @@ async def cmd_status(args, settings):
         print(f"running with an expired lease: {st.expired_leases} (a listener stopped; any listener's reaper "
               "re-queues them)")
     print(f"results: ocr {st.results['ocr']}, clip {st.results['clip']}, face (assets) {st.results['face']}")
+    if st.waiting_reasons:
+        print("queued again after a failure, by reason (retried automatically):")
+        for task, error, n, next_s in st.waiting_reasons:
+            print(f"  {n:>6d}  {task:5s} {error}  (next try in {next_s:.0f} s)")
     if st.failure_reasons:
         print("failed, by reason (`cnai retry --failed [--task T]` re-queues them):")
         for task, error, n in st.failure_reasons:

@@ -18,6 +18,10 @@ class DatabaseSetupError(RuntimeError):
     """The database can't host cnai; the message says what to change."""
 
 
+class ImmichSchemaMissing(DatabaseSetupError):
+    """No Immich tables (yet): a service started beside a new Immich waits for Immich's first start to make them."""
+
+
 async def connect(dsn: str, **kwargs) -> asyncpg.Connection:
     return await asyncpg.connect(dsn, **kwargs)
 
@@ -63,7 +67,7 @@ async def migrate(dsn: str, standalone: bool = False, sql_root: Path = sql_files
             await check_server(conn)
             have_immich = await immich_schema_exists(conn)
             if not have_immich and not standalone:
-                raise DatabaseSetupError(
+                raise ImmichSchemaMissing(
                     "no Immich schema here (table asset is missing): point --dsn at Immich's database, or use "
                     "--standalone to create a minimal Immich-compatible schema (the embedded default does).")
             await conn.execute("""

@@ -98,3 +98,21 @@ class Settings:
     max_attempts: int = field(default_factory=lambda: _int("CNAI_MAX_ATTEMPTS", 5))
     backoff_base_s: float = field(default_factory=lambda: _float("CNAI_BACKOFF_BASE_S", 5.0))
     prune_after_s: float = field(default_factory=lambda: _float("CNAI_PRUNE_AFTER_S", 7 * 86400))
+    # below Docker's default 10 s between SIGTERM and SIGKILL, so the batch in hand is handed back in time
+    stop_grace_s: float = field(default_factory=lambda: _float("CNAI_STOP_GRACE_S", 8.0))
+
+    def __post_init__(self) -> None:
+        # a listener that claims nothing, or gives up before its first attempt, is a mistake: say so at start
+        for name, value, least in (("CNAI_BATCH_SIZE", self.batch_size, 1), ("CNAI_CONCURRENCY", self.concurrency, 1),
+                                   ("CNAI_MAX_ATTEMPTS", self.max_attempts, 1),
+                                   ("CNAI_BACKOFF_BASE_S", self.backoff_base_s, 0),
+                                   ("CNAI_STOP_GRACE_S", self.stop_grace_s, 0)):
+            if value < least:
+                raise SystemExit(f"{name} must be at least {least}, got {value}")
+        for name, value in (("CNAI_LEASE_S", self.lease_s), ("CNAI_POLL_INTERVAL_S", self.poll_interval_s),
+                            ("CNAI_PRUNE_AFTER_S", self.prune_after_s)):
+            if value <= 0:
+                raise SystemExit(f"{name} must be more than 0, got {value}")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise SystemExit(f"CNAI_TASKS={','.join(self.tasks)!r}: name one or more of {', '.join(TASKS)}")

@@ -174,9 +174,13 @@ def build_handlers(settings: Settings, mirror_clip: bool = False) -> dict:
     }
 
 
+def listener_config(settings: Settings) -> ListenerConfig:
+    return ListenerConfig(tasks=settings.tasks, path_map=settings.path_map, batch_size=settings.batch_size,
+                          concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
+                          lease_s=settings.lease_s, max_attempts=settings.max_attempts,
+                          backoff_base_s=settings.backoff_base_s, grace_s=settings.stop_grace_s,
+                          prune_after_s=settings.prune_after_s)
+
+
 def build_listener(dsn: str, pool: ModelPool, settings: Settings, mirror_clip: bool = False) -> Listener:
-    config = ListenerConfig(tasks=settings.tasks, path_map=settings.path_map, batch_size=settings.batch_size,
-                            concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
-                            lease_s=settings.lease_s, backoff_base_s=settings.backoff_base_s,
-                            prune_after_s=settings.prune_after_s)
-    return Listener(dsn, pool, build_handlers(settings, mirror_clip), config)
+    return Listener(dsn, pool, build_handlers(settings, mirror_clip), listener_config(settings))

@@ -3,7 +3,8 @@
 Guarantees (see DESIGN.md): notifications are hints (it polls, and catches up on every (re)connect); a job it
 claims is leased and the lease renewed while it works; if it dies, the reaper in any listener re-queues the job
 once the lease expires; results and job completion commit in one transaction, after checking it still holds
-the job; SIGTERM finishes the batch in hand (up to a grace period) and hands back the rest.
+the job; SIGTERM finishes the batch in hand (up to a grace period) and hands back the rest at once, without
+spending their attempts. Its queries are in listener/queue.py.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -22,12 +24,12 @@ from inference.images import ImageDecodeError, decode_image
 from inference.pool import ModelPool, Priority
 from inference.runtime import ModelMissingError
 
-from .errors import PermanentJobError
+from .errors import PermanentJobError, StorageUnavailableError
 from .paths import map_path
+from .queue import CHANNEL, Claimed, JobQueue
 from .tasks import TaskHandler
 
 log = logging.getLogger(__name__)
-CHANNEL = "cnai_job"
 
 # Errors that say "the database is away or busy", not "this result is wrong": lost or refused connections, a
 # server shutting down or starting up, too many clients, deadlock/serialization. Worth retrying as they are.
@@ -48,18 +50,29 @@ class ListenerConfig:
     concurrency: int = 2          # batches in flight at once
     poll_interval_s: float = 2.0
     lease_s: float = 60.0
+    max_attempts: int = 5
     backoff_base_s: float = 5.0
-    grace_s: float = 30.0         # SIGTERM: how long the batch in hand may take to finish
+    grace_s: float = 8.0          # SIGTERM: how long the batch in hand may take to finish before it is handed back
     prune_after_s: float = 7 * 86400
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{random.randrange(16**4):04x}")
 
 
+# What running one job came to.
 @dataclass
-class Claimed:
-    id: int
-    asset_id: object
-    task: str
-    attempts: int
+class Done:
+    image: Any
+    output: Any
+
+
+@dataclass
+class Failed:
+    error: str
+    permanent: bool
+
+
+@dataclass
+class Deferred:  # its storage is away: it waits, without spending an attempt
+    error: StorageUnavailableError
 
 
 class Listener:
@@ -69,12 +82,15 @@ class Listener:
         self.handlers = handlers
         self.config = config
         self.worker = config.worker_id
+        self.queue = JobQueue(self.worker, config.lease_s, config.max_attempts, config.backoff_base_s)
         self.wakeup = asyncio.Event()
         self.stopping = asyncio.Event()
         self.held: set[int] = set()
+        self.missing_roots: set[Path] = set()  # while any is missing, nothing is claimed
         self.db: asyncpg.Pool | None = None
         self.processed = 0
         self.connected = asyncio.Event()
+        self._handing_back: set[asyncio.Task] = set()
         unknown = set(config.tasks) - set(handlers)
         if unknown:
             raise ValueError(f"no handler for task(s) {sorted(unknown)}")
@@ -94,12 +110,13 @@ class Listener:
                      self.config.grace_s)
             done, pending = await asyncio.wait(workers, timeout=self.config.grace_s)
             for t in pending:
-                t.cancel()
+                t.cancel()  # a cancelled batch hands its jobs back (_process)
             await asyncio.gather(*pending, return_exceptions=True)
         finally:
             for t in aux + workers:
                 t.cancel()
             await asyncio.gather(*aux, *workers, return_exceptions=True)
+            await asyncio.gather(*self._handing_back, return_exceptions=True)
             if self.held:
                 await self._release(list(self.held))
             await self.db.close()
@@ -139,7 +156,7 @@ class Listener:
                     try:
                         await asyncio.wait_for(lost.wait(), timeout=10)
                     except asyncio.TimeoutError:
-                        await conn.execute("SELECT 1")  # notice a dead connection even when idle
+                        await self.queue.ping(conn)  # notice a dead connection even when idle
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -158,13 +175,12 @@ class Listener:
         while True:
             try:
                 async with self.db.acquire() as conn:
-                    reaped = await conn.fetchval("SELECT cnai.reap_expired()")
+                    reaped = await self.queue.reap(conn)
                     if reaped:
                         log.warning("re-queued %d job(s) whose lease expired", reaped)
                         self.wakeup.set()
                     if time.monotonic() - last_prune > 600:
-                        pruned = await conn.fetchval("SELECT cnai.prune_jobs($1)",
-                                                     timedelta(seconds=self.config.prune_after_s))
+                        pruned = await self.queue.prune(conn, self.config.prune_after_s)
                         last_prune = time.monotonic()
                         if pruned:
                             log.info("pruned %d finished job(s)", pruned)
@@ -180,10 +196,10 @@ class Listener:
             if not self.held:
                 continue
             try:
+                asked = set(self.held)
                 async with self.db.acquire() as conn:
-                    kept = await conn.fetch("SELECT cnai.renew_leases($1, $2, $3)", self.worker, list(self.held),
-                                            timedelta(seconds=self.config.lease_s))
-                lost = self.held - {r[0] for r in kept}
+                    kept = await self.queue.renew(conn, list(asked))
+                lost = (asked - kept) & self.held  # a batch that settled meanwhile let go of its jobs itself
                 if lost:
                     log.warning("lost the lease on %d job(s); their results will not be written", len(lost))
             except asyncio.CancelledError:
@@ -195,14 +211,15 @@ class Listener:
     async def _work_forever(self, index: int) -> None:
         while not self.stopping.is_set():
             self.wakeup.clear()  # before claiming, so a NOTIFY during the claim is not lost
-            try:
-                jobs = await self._claim()
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.warning("claim failed: %s", e)
-                jobs = []
-                await asyncio.sleep(min(self.config.poll_interval_s, 1.0))
+            jobs = []
+            if await self._storage_ready():
+                try:
+                    jobs = await self._claim()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as e:
+                    log.warning("claim failed: %s", e)
+                    await asyncio.sleep(min(self.config.poll_interval_s, 1.0))
             if not jobs:
                 try:
                     await asyncio.wait_for(self.wakeup.wait(), timeout=self.config.poll_interval_s)
@@ -221,10 +238,7 @@ class Listener:
 
     async def _claim(self) -> list[Claimed]:
         async with self.db.acquire() as conn:
-            rows = await conn.fetch("SELECT * FROM cnai.claim_jobs($1, $2, $3, $4)", self.worker,
-                                    self.config.batch_size, self.config.tasks,
-                                    timedelta(seconds=self.config.lease_s))
-        jobs = [Claimed(r["id"], r["asset_id"], r["task"], r["attempts"]) for r in rows]
+            jobs = await self.queue.claim(conn, self.config.tasks, self.config.batch_size)
         self.held.update(j.id for j in jobs)
         return jobs
 
@@ -235,8 +249,19 @@ class Listener:
             gone = (None, "asset no longer exists")
             outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id, gone), decoded) for j in jobs))
             await self._settle(jobs, outcomes)
+        except asyncio.CancelledError:
+            # the stop's grace period ran out: hand the batch back now rather than when its leases expire
+            await self._hand_back([j.id for j in jobs])
+            raise
         finally:
             self.held.difference_update(j.id for j in jobs)
+
+    async def _hand_back(self, ids: list[int]) -> None:
+        """Release the jobs even if the caller is cancelled again: run() waits for it before closing the pool."""
+        task = asyncio.ensure_future(self._release(ids))
+        self._handing_back.add(task)
+        task.add_done_callback(self._handing_back.discard)
+        await asyncio.shield(task)
 
     async def _preview_paths(self, asset_ids: list) -> dict:
         return await self._retry_transient("reading preview paths", self._preview_paths_once, asset_ids)
@@ -257,14 +282,10 @@ class Listener:
                 delay = min(delay * 2, 5)
 
     async def _preview_paths_once(self, asset_ids: list) -> dict:
-        """Per asset: (the preview Immich's own job would read, None) or (None, why cnai does not work on it)."""
         async with self.db.acquire() as conn:
-            rows = await conn.fetch("SELECT asset_id, path, skip_reason FROM cnai.job_preview_paths($1::uuid[])",
-                                    list(set(asset_ids)))
-        return {r["asset_id"]: (r["path"], r["skip_reason"]) for r in rows}
+            return await self.queue.preview_paths(conn, asset_ids)
 
-    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict):
-        """Returns ('ok', image, output) or ('error', message, permanent)."""
+    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict) -> Done | Failed | Deferred:
         handler = self.handlers[job.task]
         path, skip_reason = preview
         try:
@@ -272,18 +293,37 @@ class Listener:
                 raise PermanentJobError(skip_reason)
             local = map_path(path, self.config.path_map)
             if local not in decoded:
-                decoded[local] = asyncio.get_running_loop().run_in_executor(None, _read_image, local)
+                decoded[local] = asyncio.get_running_loop().run_in_executor(
+                    None, _read_image, local, mapped_root(local, self.config.path_map))
             image = await asyncio.shield(decoded[local])
             output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND)
-            return ("ok", image, output)
+            return Done(image, output)
         except asyncio.CancelledError:
             raise
+        except StorageUnavailableError as e:
+            self._storage_missing(e.root)
+            return Deferred(e)
         except (PermanentJobError, ModelMissingError) as e:
-            return ("error", str(e), True)
+            return Failed(str(e), True)
         except Exception as e:
             log.exception("job %s (%s) failed", job.id, job.task)
-            return ("error", f"{type(e).__name__}: {e}", False)
+            return Failed(f"{type(e).__name__}: {e}", False)
 
+    # --- storage outages: wait for the mapped root instead of failing every job ----------------------------------
+    def _storage_missing(self, root: Path) -> None:
+        if root not in self.missing_roots:
+            self.missing_roots.add(root)
+            log.warning("mapped root %s is missing or empty (unmounted?): its jobs wait without spending attempts, "
+                        "and this listener claims nothing until it is back", root)
+
+    async def _storage_ready(self) -> bool:
+        for root in list(self.missing_roots):
+            if not await asyncio.get_running_loop().run_in_executor(None, root_is_missing, root):
+                self.missing_roots.discard(root)
+                log.warning("mapped root %s is back: claiming again", root)
+        return not self.missing_roots
+
+    # --- settling -----------------------------------------------------------------------------------------------
     async def _settle(self, jobs: list[Claimed], outcomes: list) -> None:
         try:
             await self._retry_transient("writing results", self._settle_batch, jobs, outcomes)
@@ -295,51 +335,77 @@ class Listener:
             if len(jobs) == 1:
                 # the database refused this result (e.g. a constraint): a retryable failure, with the reason
                 await self._retry_transient("writing results", self._settle_batch, jobs,
-                                            [("error", f"writing the result failed: {e}", False)])
+                                            [Failed(f"writing the result failed: {e}", False)])
             else:  # find the offending result: settle one by one
                 for job, outcome in zip(jobs, outcomes):
                     await self._settle([job], [outcome])
 
     async def _settle_batch(self, jobs: list[Claimed], outcomes: list) -> None:
-        """Results and job states in one transaction, after locking the jobs this worker still holds."""
+        """Job states and results in one transaction; results only of the jobs this worker still held."""
+        done = [(j, o) for j, o in zip(jobs, outcomes) if isinstance(o, Done)]
+        failed = [(j, o) for j, o in zip(jobs, outcomes) if isinstance(o, Failed)]
+        deferred: dict[str, list[int]] = {}
+        for j, o in zip(jobs, outcomes):
+            if isinstance(o, Deferred):
+                deferred.setdefault(str(o.error), []).append(j.id)
+        settled: set[int] = set()
         async with self.db.acquire() as conn, conn.transaction():
-            owned = {r[0] for r in await conn.fetch("SELECT cnai.lock_owned($1, $2)", self.worker,
-                                                    [j.id for j in jobs])}
-            ok_ids, fail_ids, fail_errors, fail_permanent = [], [], [], []
-            for job, outcome in zip(jobs, outcomes):
-                if job.id not in owned:
-                    continue
-                if outcome[0] == "ok":
-                    await self.handlers[job.task].write(conn, job.asset_id, outcome[1], outcome[2])
-                    ok_ids.append(job.id)
-                else:
-                    fail_ids.append(job.id)
-                    fail_errors.append(outcome[1])
-                    fail_permanent.append(outcome[2])
-            if ok_ids:
-                await conn.execute("SELECT cnai.complete_jobs($1, $2)", self.worker, ok_ids)
-            if fail_ids:
-                await conn.execute("SELECT cnai.fail_jobs($1, $2, $3, $4, $5)", self.worker, fail_ids,
-                                   fail_errors, fail_permanent, timedelta(seconds=self.config.backoff_base_s))
-        self.processed += len(owned)
-        if len(owned) < len(jobs):
+            if done:
+                completed = await self.queue.complete(conn, [j.id for j, _ in done])
+                for job, outcome in done:
+                    if job.id in completed:
+                        await self.handlers[job.task].write(conn, job.asset_id, outcome.image, outcome.output)
+                settled |= completed
+            if failed:
+                settled |= await self.queue.fail(conn, [j.id for j, _ in failed], [o.error for _, o in failed],
+                                                 [o.permanent for _, o in failed])
+            for reason, ids in deferred.items():
+                settled |= await self.queue.release(conn, ids, reason, self.config.backoff_base_s)
+        self.processed += len(settled)
+        if len(settled) < len(jobs):
             # a retry after a commit whose answer was lost lands here too: nothing is written twice
-            log.warning("%d job(s) of this batch were not held any more (lease lost or already settled); "
-                        "not written", len(jobs) - len(owned))
+            log.warning("%d job(s) of this batch were not held any more (lease lost, asset deleted, or already "
+                        "settled); not written", len(jobs) - len(settled))
 
     async def _release(self, ids: list[int]) -> None:
         try:
             async with self.db.acquire() as conn:
-                await conn.execute("SELECT cnai.release_jobs($1, $2)", self.worker, ids)
-            log.info("handed back %d unfinished job(s)", len(ids))
+                released = await self.queue.release(conn, ids)
+            log.info("handed back %d unfinished job(s)", len(released))
         except Exception as e:
             log.warning("could not hand back %d job(s) (%s); they return when their lease expires", len(ids), e)
 
 
-def _read_image(path):
+def mapped_root(local: Path, path_map: list[tuple[str, Path]]) -> Path | None:
+    """The local root of CNAI_PATH_MAP that `local` lies under.
+
+    Without a map there is none, and a missing preview is always the job's own failure: paths are Immich's
+    own, and any folder above a preview may rightly be missing or empty once Immich removed an asset's files, so
+    taking that for an outage would retry a deleted photo forever. (An identity map, /usr/src/app/upload=
+    /usr/src/app/upload, turns the check on for a share mounted at Immich's own path.)
+    """
+    for _, root in path_map:
+        for candidate in (Path(os.path.normpath(root)), Path(os.path.realpath(root))):  # map_path resolves links
+            if candidate == local or candidate in local.parents:
+                return Path(os.path.normpath(root))
+    return None
+
+
+def root_is_missing(root: Path) -> bool:
+    """Missing, or an empty folder: what an unmounted share's mount point looks like."""
+    try:
+        with os.scandir(root) as entries:
+            return next(entries, None) is None
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+
+
+def _read_image(path: Path, root: Path | None = None):
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        if root is not None and root_is_missing(root):
+            raise StorageUnavailableError(root) from None
         raise PermanentJobError(f"preview file not found: {path}") from None
     except IsADirectoryError:
         raise PermanentJobError(f"preview path is a directory: {path}") from None

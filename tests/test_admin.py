@@ -137,3 +137,28 @@ async def test_doctor_writes_as_the_owner_of_asset_file(own_db):
     finally:
         await own_db.execute(f"ALTER TABLE asset_file OWNER TO CURRENT_USER; DROP OWNED BY {role}; DROP ROLE {role}")
 
+
+
+async def test_doctor_follows_the_rerun_triggers_where_immich_has_their_tables(own_db, own_dsn):
+    """An Immich without smart_search and asset_job_status migrates all the same, and the doctor says those
+    triggers are not attached; once Immich has the tables (an upgrade), they are missing until re-applied."""
+    await own_db.execute("DROP TABLE smart_search, asset_job_status")  # their triggers go with them
+    await own_db.execute("DELETE FROM cnai.migration WHERE id LIKE 'triggers/%'")
+    await migrate(own_dsn)  # Immich's database, not standalone
+    findings = await admin.check_database(own_db)
+    assert all(f.ok for f in findings), findings
+    assert {f.subject for f in findings if f.detail.startswith("not attached")} == {
+        "triggers on smart_search", "triggers on asset_job_status"}
+
+    await own_db.execute("""
+        CREATE TABLE asset_job_status ("assetId" uuid PRIMARY KEY REFERENCES asset(id) ON DELETE CASCADE,
+          "facesRecognizedAt" timestamptz, "metadataExtractedAt" timestamptz, "duplicatesDetectedAt" timestamptz,
+          "ocrAt" timestamptz);
+        CREATE TABLE smart_search ("assetId" uuid PRIMARY KEY REFERENCES asset(id) ON DELETE CASCADE,
+          embedding vector(512) NOT NULL)""")
+    missing = await problems(own_db)
+    assert {f.trigger for f in missing} == {name for _, name, _ in admin.IMMICH_RERUN_TRIGGERS}
+    assert all(admin.REAPPLY_TRIGGERS in f.detail for f in missing)
+    await own_db.execute("DELETE FROM cnai.migration WHERE id LIKE 'triggers/%'")
+    await migrate(own_dsn)
+    assert await problems(own_db) == []

@@ -7,29 +7,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
 from cnai.embedded import EmbeddedServer, _free_port
-from tests.conftest import render_text, stop_process
+from tests.conftest import render_text, stop_process, wait_until
 
 
 def cnai(*args, env, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnai", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-def wait_until(check, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

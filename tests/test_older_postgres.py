@@ -44,7 +44,7 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
     # a stand-in for Immich's asset/asset_file (without vector columns), then our files, as-is
     await old_conn.execute("""
         DROP SCHEMA IF EXISTS cnai CASCADE;
-        DROP TABLE IF EXISTS reprocess_request, asset_file, asset CASCADE;
+        DROP TABLE IF EXISTS reprocess_request, asset_job_status, asset_file, asset CASCADE;
         CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
                             visibility varchar NOT NULL DEFAULT 'timeline', "deletedAt" timestamptz);
         CREATE TABLE asset_file (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "assetId" uuid REFERENCES asset(id),
@@ -65,6 +65,25 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
     await old_conn.execute("INSERT INTO reprocess_request (asset_id) VALUES ($1)", asset)
     await old_conn.execute("UPDATE asset SET visibility = 'hidden' WHERE id = $1", asset)
     assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") == 0
+
+    # the triggers that follow Immich's own reprocess buttons: an Immich without their tables migrates all the
+    # same; once it has asset_job_status, a face re-run in Immich queues cnai's face task (on 15 too)
+    await old_conn.execute("DROP TABLE IF EXISTS asset_job_status, smart_search")
+    for name in ("triggers/schema/131_immich_wipe.sql", "triggers/code/130_immich_reruns.sql"):
+        await old_conn.execute((root / name).read_text())
+    assert await old_conn.fetchval("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'cnai_follow_job_status%'") == 0
+    task_run = (root / "results/schema/201_task_run.sql").read_text()
+    await old_conn.execute(task_run[:task_run.index(");") + 2])  # its CREATE TABLE (the rest needs pgvector)
+    await old_conn.execute("""CREATE TABLE asset_job_status ("assetId" uuid PRIMARY KEY REFERENCES asset(id),
+                                "facesRecognizedAt" timestamptz, "ocrAt" timestamptz)""")
+    await old_conn.execute((root / "triggers/code/130_immich_reruns.sql").read_text())
+    shown = await old_conn.fetchval("INSERT INTO asset DEFAULT VALUES RETURNING id")
+    await old_conn.execute("INSERT INTO cnai.task_run (asset_id, task, model) VALUES ($1, 'face', 'm')", shown)
+    for _ in range(2):  # Immich's upsert: the first run (cnai ran it: nothing), then a re-run
+        await old_conn.execute("""INSERT INTO asset_job_status ("assetId", "facesRecognizedAt") VALUES ($1, now())
+                                  ON CONFLICT ("assetId") DO UPDATE SET "facesRecognizedAt" = clock_timestamp()""",
+                               shown)
+    assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE asset_id = $1 AND task = 'face'", shown) == 1
 
     old_tokens = await old_conn.fetchval("SELECT cnai.zh_tsvector($1)::text", SAMPLE)
     new = await asyncpg.connect(dsn)

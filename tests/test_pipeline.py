@@ -151,7 +151,12 @@ def _spawn_listener(dsn: str, env_extra: dict) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-async def test_sigkill_mid_batch_loses_nothing(db, dsn, photo_dir):
+async def running_by_worker(db) -> dict:
+    return {r["id"]: (r["worker"], r["attempts"]) for r in await db.fetch(
+        "SELECT id, worker, attempts FROM cnai.job WHERE state = 'running'")}
+
+
+async def test_sigkill_loses_nothing_and_sigterm_hands_back(db, dsn, photo_dir):
     owner = await make_user(db)
     n = 8
     assets = [await make_asset(db, owner, save(render_text([f"编号{i} 收据"]), photo_dir / f"k{i}.jpg"))
@@ -163,19 +168,35 @@ async def test_sigkill_mid_batch_loses_nothing(db, dsn, photo_dir):
                        interval=0.05)
         first.send_signal(signal.SIGKILL)
         first.wait(10)
-        held = await db.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running'")
-        assert held > 0  # it died holding work
+        killed = {w for w, _ in (await running_by_worker(db)).values()}
+        assert killed  # it died holding work
     finally:
         if first.poll() is None:
             first.kill()
-    second = _spawn_listener(dsn, {})
+    # the next one is stopped (SIGTERM) with a batch in hand and no grace: it hands the batch back
+    second = _spawn_listener(dsn, {"CNAI_STOP_GRACE_S": "0"})
+    try:
+        in_hand = await wait_for(lambda: _held_by_others(db, killed), timeout=60, interval=0.02)
+    finally:
+        stop_process(second, 30)
+    assert second.returncode == 0, second.stderr.read().decode()[-2000:]
+    worker = next(iter(in_hand.values()))[0]
+    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running' AND worker = $1", worker) == 0
+    for job_id, (_, attempts) in in_hand.items():  # finished, or back in the queue as if never claimed
+        row = await db.fetchrow("SELECT state, attempts, error FROM cnai.job WHERE id = $1", job_id)
+        assert row["state"] == "done" or (row["state"], row["attempts"], row["error"]) == ("queued", attempts - 1,
+                                                                                          None), dict(row)
+    third = _spawn_listener(dsn, {})
     try:
         await wait_for(lambda: db.fetchval("SELECT count(*) = $1 FROM cnai.ocr", n), timeout=120)
         await wait_for(lambda: db.fetchval(
             "SELECT count(*) = $1 FROM cnai.job WHERE task = 'ocr' AND state = 'done'", n), timeout=30)
     finally:
-        stop_process(second, 30)
+        stop_process(third, 30)
     assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE task = 'ocr' AND state <> 'done'") == 0
     assert set(await search(db, "ocr:收据")) == set(assets)
-    # graceful stop handed everything back or finished it
-    assert second.returncode == 0, second.stderr.read().decode()[-2000:]
+    assert third.returncode == 0, third.stderr.read().decode()[-2000:]
+
+
+async def _held_by_others(db, workers: set) -> dict:
+    return {i: held for i, held in (await running_by_worker(db)).items() if held[0] not in workers}

@@ -90,11 +90,17 @@ async def test_missing_model_fails_its_items_with_the_path_and_others_work():
 
 
 async def test_back_pressure_bounds_the_queue():
+    """12 callers, room for 3 at a priority: the others wait outside the lane, so its queue never holds more."""
     pool = ModelPool(max_wait_s=0, queue_limit=3)
-    model = RecordingModel(max_batch=1, delay=0.01)
+    model = RecordingModel(max_batch=1, delay=0.02)
     pool.register("rec", lambda: model)
-    await asyncio.gather(*(pool.run("rec", i) for i in range(12)))
-    assert all(len(b) == 1 for b in model.batches) and len(model.batches) == 12
+    callers = [asyncio.create_task(pool.run("rec", i)) for i in range(12)]
+    most = 0
+    while not all(c.done() for c in callers):
+        most = max(most, pool._lane("rec").pending())
+        await asyncio.sleep(0.002)
+    assert [c.result() for c in callers] == [i * 2 for i in range(12)]
+    assert 2 <= most <= 3  # filled up to the limit, never past it
     await pool.close()
 
 

@@ -261,3 +261,13 @@ async def test_the_triggers_work_for_a_writer_without_any_right_in_schema_cnai(p
         finally:
             await db.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
             await db.close()
+
+
+async def test_an_asset_hidden_while_its_preview_waits_in_the_intake_gets_no_jobs(db):
+    owner = await make_user(db)
+    asset = await new_asset(db, owner)
+    await write_preview(db, asset)
+    assert await intake(db, asset) == 1
+    await set_visibility(db, asset, "hidden")  # before any listener took the intake row
+    await db.fetchval("SELECT cnai.take_intake()")
+    assert await intake(db, asset) == 0 and await jobs(db, asset) == []

@@ -50,6 +50,18 @@ async def bare_assets(db, n) -> list:
              FROM generate_series(1, $2) g RETURNING id""", owner, n)]
 
 
+async def lock_waiting(db, conn) -> bool:
+    return await db.fetchval("SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                             conn.get_server_pid())
+
+
+async def until(predicate, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
 # --- what the asset_file trigger enqueues ----------------------------------------------------------------------
 async def test_preview_insert_enqueues_every_task(db):
     owner = await make_user(db)
@@ -158,6 +170,27 @@ async def test_request_for_running_job_completes_separately(db):
     assert status == "failed" and "face: model missing" in error
 
 
+async def test_request_finished_by_two_transactions_at_once_is_done(db, dsn):
+    """The last two jobs of one request finish in two transactions at the same time: each must not judge the
+    request by a snapshot in which the other's job still runs."""
+    [asset] = await bare_assets(db, 1)
+    req = await request(db, asset, ["clip", "ocr"])
+    jobs = {j["task"]: j["id"] for j in await claim(db, tasks=["clip", "ocr"])}
+    first, second = await asyncpg.connect(dsn), await asyncpg.connect(dsn)
+    try:
+        tx = first.transaction()
+        await tx.start()
+        await first.execute("SELECT cnai.complete_jobs('w', $1)", [jobs["ocr"]])
+        finishing = asyncio.create_task(second.execute("SELECT cnai.complete_jobs('w', $1)", [jobs["clip"]]))
+        await until(lambda: lock_waiting(db, second))  # it waits for the request row the first one holds
+        await tx.commit()
+        await finishing
+    finally:
+        await first.close()
+        await second.close()
+    assert await request_status(db, req) == ("done", None)
+
+
 async def test_unknown_asset_or_task_is_refused_clearly(db):
     with pytest.raises(asyncpg.ForeignKeyViolationError, match="does not exist"):
         await request(db, uuid.uuid4())
@@ -243,9 +276,8 @@ async def test_lost_lease_is_not_written_twice(db):
     await db.execute("SELECT cnai.reap_expired()")
     [again] = await claim(db, "fast", ["ocr"])
     assert again["id"] == job["id"] and again["attempts"] == 2
-    assert await db.fetch("SELECT cnai.lock_owned('slow', $1)", [job["id"]]) == []
-    assert await db.fetchval("SELECT cnai.complete_jobs('slow', $1)", [job["id"]]) == 0
-    assert await db.fetchval("SELECT cnai.complete_jobs('fast', $1)", [job["id"]]) == 1
+    assert await db.fetchval("SELECT cnai.complete_jobs('slow', $1)", [job["id"]]) == []
+    assert await db.fetchval("SELECT cnai.complete_jobs('fast', $1)", [job["id"]]) == [job["id"]]
 
 
 async def test_release_hands_back_without_spending_an_attempt(db):
@@ -255,6 +287,79 @@ async def test_release_hands_back_without_spending_an_attempt(db):
     await db.execute("SELECT cnai.release_jobs('stopping', $1)", [job["id"]])
     row = await db.fetchrow("SELECT state, attempts, worker FROM cnai.job WHERE id = $1", job["id"])
     assert (row["state"], row["attempts"], row["worker"]) == ("queued", 0, None)
+
+
+async def test_release_with_a_reason_waits_without_spending_an_attempt(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)
+    [job] = await claim(db, "w", ["ocr"])
+    reason = "mapped root /mnt/immich is missing or empty (unmounted?)"
+    assert await db.fetchval("SELECT cnai.release_jobs('w', $1, $2, '1 minute')", [job["id"]], reason) == [job["id"]]
+    row = await db.fetchrow("SELECT state, attempts, error, extract(epoch FROM run_after - now()) AS wait "
+                            "FROM cnai.job WHERE id = $1", job["id"])
+    assert (row["state"], row["attempts"], row["error"]) == ("queued", 0, reason)
+    assert row["wait"] == pytest.approx(60, abs=2)
+    assert await claim(db, "w", ["ocr"]) == []  # not before its delay
+
+
+async def test_claim_gives_the_listeners_attempt_budget(db):
+    [asset] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) VALUES ($1, 'ocr')", asset)  # column default: 5
+    for attempt in (1, 2):
+        await db.execute("UPDATE ONLY cnai.job SET run_after = now() WHERE state = 'queued'")
+        [job] = await db.fetch("SELECT * FROM cnai.claim_jobs('w', 10, '{ocr}', '1 minute', 2)")
+        await db.execute("SELECT cnai.fail_jobs('w', $1, $2, $3)", [job["id"]], ["timeout"], [False])
+    row = await db.fetchrow("SELECT state, error, max_attempts FROM cnai.job WHERE id = $1", job["id"])
+    assert (row["state"], row["error"], row["max_attempts"]) == ("failed", "timeout (gave up after 2 attempts)", 2)
+    # the reaper, in whichever listener, keeps to the budget the claim gave
+    [other] = await bare_assets(db, 1)
+    await db.execute("INSERT INTO cnai.job (asset_id, task, attempts) VALUES ($1, 'ocr', 2)", other)
+    await db.fetch("SELECT * FROM cnai.claim_jobs('dead', 10, '{ocr}', '1 millisecond', 3)")
+    await asyncio.sleep(0.05)
+    assert await db.fetchval("SELECT cnai.reap_expired()") == 1
+    assert await db.fetchval("SELECT state FROM cnai.job WHERE asset_id = $1", other) == "failed"
+
+
+async def test_claim_takes_requests_first_then_shares_the_batch_among_tasks(db):
+    assets = await bare_assets(db, 10)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) SELECT a, t FROM unnest($1::uuid[]) a, "
+                     "unnest('{clip,ocr}'::text[]) t", assets)
+    await request(db, assets[-1], ["face"])  # the newest asset, but a person asked
+    jobs = await claim(db, limit=5)
+    assert sorted(j["task"] for j in jobs) == ["clip", "clip", "face", "ocr", "ocr"]
+    oldest = {t: [r[0] for r in await db.fetch("SELECT id FROM cnai.job WHERE task = $1 ORDER BY id LIMIT 2", t)]
+              for t in ("clip", "ocr")}
+    assert {j["id"] for j in jobs if j["task"] != "face"} == set(oldest["clip"] + oldest["ocr"])  # FIFO per task
+    # one task left with work: it gets the whole batch
+    await db.execute("DELETE FROM cnai.job WHERE task = 'clip' AND state = 'queued'")
+    assert [j["task"] for j in await claim(db, limit=5)] == ["ocr"] * 5
+
+
+async def claim_work(db, unserved: int) -> int:
+    """Buffers a claim of 10 ocr jobs touches in cnai.job and its indexes, behind `unserved` queued clip and face
+    jobs (CNAI_TASKS=ocr without CLIP or face models: their jobs pile up, older than the ocr ones)."""
+    await db.execute("TRUNCATE asset, cnai.job CASCADE")
+    assets = await bare_assets(db, unserved // 2 + 20)
+    await db.execute("INSERT INTO cnai.job (asset_id, task) SELECT a, t FROM unnest($1::uuid[]) a, "
+                     "unnest('{clip,face}'::text[]) t", assets[:unserved // 2])
+    await db.execute("INSERT INTO cnai.job (asset_id, task) SELECT a, 'ocr' FROM unnest($1::uuid[]) a", assets)
+    await db.execute("UPDATE cnai.job SET state = 'done' WHERE task = 'ocr' AND asset_id <> ALL($1)", assets[-20:])
+    await db.execute("VACUUM ANALYZE cnai.job")
+    for _ in range(6):  # a listener's connection claims again and again: PostgreSQL then plans it once for all
+        await claim(db, tasks=["ocr"], limit=1)
+    buffers = ("SELECT sum(pg_stat_get_xact_blocks_fetched(r))::bigint FROM (SELECT 'cnai.job'::regclass::oid AS r "
+               "UNION ALL SELECT indexrelid FROM pg_index WHERE indrelid = 'cnai.job'::regclass) x")
+    async with db.transaction():  # (the counters hold what this backend has not reported yet: take the difference)
+        before = await db.fetchval(buffers)
+        jobs = await claim(db, tasks=["ocr"], limit=10)
+        touched = await db.fetchval(buffers) - before
+    assert len(jobs) == 10
+    return touched
+
+
+async def test_claim_work_does_not_grow_with_unserved_jobs(db):
+    small, large = await claim_work(db, 1000), await claim_work(db, 20000)
+    assert large < small * 1.5, f"a claim touched {small} buffers behind 1k unserved jobs, {large} behind 20k"
 
 
 async def test_prune_removes_old_finished_jobs_only(db):
@@ -294,6 +399,69 @@ async def test_intake_of_deleted_assets_is_dropped(db):
     assert {j["asset_id"] for j in await claim(db)} == {keep}
 
 
+# --- lock order against Immich's deletes ---------------------------------------------------------------------------
+async def queue_call_meets_immich_delete(db, dsn, call: str, args: tuple, blocker_sql: str, blocker_args: tuple,
+                                         gone) -> list:
+    """Run a queue function while another transaction makes it wait halfway (holding the locks it took so far),
+    then let Immich delete asset `gone` (`DELETE FROM asset WHERE id = $1`: the asset, then its cascades), then
+    let the function go on. Returns what each side came to; a wrong lock order ends in a deadlock."""
+    blocker, worker, immich = [await asyncpg.connect(dsn) for _ in range(3)]
+    try:
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(blocker_sql, *blocker_args)
+        work = asyncio.create_task(worker.execute(call, *args))
+        await until(lambda: lock_waiting(db, worker) if not work.done() else asyncio.sleep(0, True))
+        delete = asyncio.create_task(immich.execute("DELETE FROM asset WHERE id = $1", gone))
+        await until(lambda: lock_waiting(db, immich) if not delete.done() else asyncio.sleep(0, True))
+        await tx.commit()
+        return await asyncio.gather(work, delete, return_exceptions=True)
+    finally:
+        for c in (blocker, worker, immich):
+            await c.close()
+
+
+@pytest.mark.parametrize("step", ["claim", "complete", "fail", "reap", "prune"])
+async def test_queue_functions_take_locks_in_immich_order(db, dsn, step):
+    """Each function that locks jobs and then touches rows an asset's delete also locks (requests, their links)
+    locks the assets first, or does not wait at all: Immich's delete and cnai's step follow one another."""
+    [kept, gone] = await bare_assets(db, 2)
+    kept_req, gone_req = await request(db, kept, ["ocr"]), await request(db, gone, ["ocr"])
+    jobs = [r[0] for r in await db.fetch("SELECT id FROM cnai.job WHERE asset_id = ANY($1) ORDER BY asset_id = $2 DESC",
+                                         [kept, gone], kept)]  # kept's job first: the step reaches it first
+    block_request = ("SELECT FROM reprocess_request WHERE id = $1 FOR UPDATE", (kept_req,))
+    if step == "claim":
+        call, args = "SELECT cnai.claim_jobs('w', 10, '{ocr}', '1 minute')", ()
+    else:
+        await claim(db, tasks=["ocr"], lease=timedelta(milliseconds=1) if step == "reap" else LEASE)
+        if step == "complete":
+            call, args = "SELECT cnai.complete_jobs('w', $1)", (jobs,)
+        elif step == "fail":
+            call, args = "SELECT cnai.fail_jobs('w', $1, $2, $3)", (jobs, ["bad image"] * 2, [True, True])
+        elif step == "reap":  # out of attempts: the reaper fails them, settling their requests
+            await db.execute("UPDATE cnai.job SET max_attempts = 1 WHERE id = ANY($1)", jobs)
+            await asyncio.sleep(0.05)
+            call, args = "SELECT cnai.reap_expired()", ()
+        else:
+            await db.execute("SELECT cnai.complete_jobs('w', $1)", jobs)
+            await db.execute("UPDATE cnai.job SET finished_at = now() - interval '8 days' WHERE id = ANY($1)", jobs)
+            call, args = "SELECT cnai.prune_jobs('7 days')", ()
+            block_request = ("SELECT FROM cnai.request_job WHERE job_id = $1 FOR UPDATE", (jobs[0],))
+    outcome = await queue_call_meets_immich_delete(db, dsn, call, args, *block_request, gone)
+    assert not [o for o in outcome if isinstance(o, BaseException)], outcome
+    assert await db.fetchval("SELECT count(*) FROM asset WHERE id = $1", gone) == 0
+    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE asset_id = $1", gone) == 0
+    assert await db.fetchval("SELECT count(*) FROM reprocess_request WHERE id = $1", gone_req) == 0
+    expected = {"claim": ("running", "running"), "complete": ("done", "done"), "fail": ("failed", "failed"),
+                "reap": ("failed", "failed"), "prune": (None, "done")}[step]
+    job_state = await db.fetchval("SELECT state FROM cnai.job WHERE id = $1", jobs[0])
+    req_status = await db.fetchval("SELECT status FROM reprocess_request WHERE id = $1", kept_req)
+    if step == "claim":  # the claim does not wait for a request row another transaction holds
+        assert job_state == "running" and req_status in ("pending", "running")
+    else:
+        assert (job_state, req_status) == expected
+
+
 # --- the CLI over it -------------------------------------------------------------------------------------------
 async def cnai(*args: str) -> str:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cnai", *args, stdout=asyncio.subprocess.PIPE,
@@ -311,6 +479,13 @@ async def test_cli_status_and_retry(db, dsn):
                            (assets[2], "face", "face model missing: put buffalo_l in models/face")):
         await db.execute("INSERT INTO cnai.job (asset_id, task, state, attempts, error, finished_at, created_at) "
                          "VALUES ($1, $2, 'failed', 1, $3, now(), now() - interval '2 hours')", a, task, error)
+    await db.execute("INSERT INTO cnai.job (asset_id, task, attempts, error, run_after) "
+                     "VALUES ($1, 'clip', 0, 'mapped root /mnt/immich is missing or empty (unmounted?)', "
+                     "now() + interval '30 seconds')", assets[1])
+    out = await cnai("status", "--dsn", dsn)
+    assert "queued again after a failure" in out
+    assert "     1  clip  mapped root /mnt/immich is missing or empty (unmounted?)  (next try in" in out
+    await db.execute("DELETE FROM cnai.job WHERE task = 'clip' AND error IS NOT NULL")
     out = await cnai("status", "--dsn", dsn)
     table = out.split("oldest queued:")[0]
     counts = {(ln.split()[0], ln.split()[1]): int(ln.split()[2]) for ln in table.splitlines()[1:] if ln.strip()}

@@ -17,11 +17,12 @@ import time
 from dataclasses import dataclass, field
 
 from cnai.settings import Settings
+from cnai.wiring import listener_config
 from inference.ocr import OcrLine, OcrResult
 from inference.pool import ModelPool
 from listener.task_names import TASKS
 from listener.tasks import ClipHandler, FaceHandler, OcrHandler, TaskHandler
-from listener.worker import Listener, ListenerConfig
+from listener.worker import Listener
 
 
 
@@ -77,10 +78,7 @@ def build(dsn: str, settings: Settings, item_ms: float) -> tuple[Listener, Model
     pool = ModelPool()
     for task in TASKS:
         pool.register(f"echo:{task}", lambda task=task: EchoModel(task, item_ms))
-    config = ListenerConfig(tasks=settings.tasks, path_map=settings.path_map, batch_size=settings.batch_size,
-                            concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
-                            lease_s=settings.lease_s, backoff_base_s=settings.backoff_base_s,
-                            prune_after_s=settings.prune_after_s)
+    config = listener_config(settings)
     inner = {"ocr": OcrHandler("ocr", "echo:ocr", model_name="echo"),
              "clip": ClipHandler("clip", "echo:clip", model_name="echo"),
              "face": FaceHandler("face", "echo:face", model_name="echo")}

@@ -41,7 +41,11 @@ BEGIN
   IF NOT decided::boolean THEN
     RETURN false;
   END IF;
+  -- marked as cnai's own, so the trigger that follows Immich's smart_search writes (130_immich_reruns.sql) does not
+  -- take it for Immich re-running CLIP
+  PERFORM set_config('cnai.writer', 'listener', true);
   INSERT INTO public.smart_search ("assetId", embedding) VALUES (p_asset_id, p_embedding)
   ON CONFLICT ("assetId") DO UPDATE SET embedding = excluded.embedding;
+  PERFORM set_config('cnai.writer', '', true);
   RETURN true;
 END $$;
