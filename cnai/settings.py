@@ -110,9 +110,11 @@ class Settings:
             if value < least:
                 raise SystemExit(f"{name} must be at least {least}, got {value}")
         for name, value in (("CNAI_LEASE_S", self.lease_s), ("CNAI_POLL_INTERVAL_S", self.poll_interval_s),
-                            ("CNAI_PRUNE_AFTER_S", self.prune_after_s)):
+                            ("CNAI_PRUNE_AFTER_S", self.prune_after_s), ("CNAI_FRONT_TIMEOUT_S", self.front_timeout_s)):
             if value <= 0:
                 raise SystemExit(f"{name} must be more than 0, got {value}")
+        if not 0 <= self.front_port <= 65535:
+            raise SystemExit(f"CNAI_FRONT_PORT must be a port number (or unset: no front door), got {self.front_port}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise SystemExit(f"CNAI_TASKS={','.join(self.tasks)!r}: name one or more of {', '.join(TASKS)}")

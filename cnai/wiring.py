@@ -87,8 +87,6 @@ def front_start_problem(settings: Settings) -> str | None:
     """Why the front cannot run with these settings, or None."""
     if settings.front_port and not settings.immich_url:
         return "CNAI_FRONT_PORT needs CNAI_IMMICH_URL (Immich's base URL) to pass requests to"
-    if settings.front_timeout_s <= 0:
-        return f"CNAI_FRONT_TIMEOUT_S must be > 0, got {settings.front_timeout_s:g}"
     return None
 
 

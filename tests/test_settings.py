@@ -95,3 +95,8 @@ def test_immich_url_is_a_base_url(monkeypatch):
             Settings()
     monkeypatch.delenv("CNAI_IMMICH_URL")
     assert Settings().immich_url == "" and Settings().front_port == 0
+    for name, bad in (("CNAI_FRONT_TIMEOUT_S", "0"), ("CNAI_FRONT_PORT", "70000")):
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(SystemExit, match=name):
+            Settings()
+        monkeypatch.delenv(name)
