@@ -120,7 +120,13 @@ async def pull(the_plan: Plan, models_dir: Path, *, sha256: str | None = None, k
                                           retry_delay_s=retry_delay_s, progress=progress))
     except DownloadError as e:
         raise PullError(str(e)) from None
-    path = _install(entry, source, downloads, models_dir, clip_model_config)
+    try:
+        path = _install(entry, source, downloads, models_dir, clip_model_config)
+    except PullError:
+        # the content is what failed (not a checkpoint, not a pack): a rerun must download it again, not reuse it
+        if not keep_download:
+            shutil.rmtree(downloads, ignore_errors=True)
+        raise
     if not keep_download:
         shutil.rmtree(downloads, ignore_errors=True)
     return Pulled(path, tuple(got))
