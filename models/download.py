@@ -75,8 +75,8 @@ async def download(session: aiohttp.ClientSession, url: str, target: Path, *, si
         if done:
             return _verified(part, target, size or done, sha256, url)
     kept = part.stat().st_size if part.exists() else 0
-    raise DownloadError(f"could not download {url} after {attempts} tries ({_reason(last_error)}); "
-                        f"{kept} bytes are kept in {part}: run the same command again to resume")
+    resume = f"; {kept} bytes are kept in {part}: run the same command again to resume" if kept else ""
+    raise DownloadError(f"could not download {url} after {attempts} tries ({_reason(last_error)}){resume}")
 
 
 class _Retryable(Exception):
