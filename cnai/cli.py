@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from listener.task_names import TASKS
+from models.catalogue import MIRRORS
 
 from . import __version__
 from .settings import Settings
@@ -373,6 +374,40 @@ async def cmd_import_clip(args, settings):
     print(f"exported {args.arch} to {out}; serve it with CNAI_CLIP_MODEL={out.name}")
 
 
+async def cmd_models_pull(args, settings):
+    from models.catalogue import lookup
+    from models.install import PullError, plan, pull
+
+    try:
+        entry = lookup(args.name)
+        the_plan = plan(entry, args.mirror or settings.model_mirror, args.base_url or settings.model_base_url)
+    except (KeyError, PullError) as e:
+        raise SystemExit(f"cnai models pull: {e.args[0]}")
+    if the_plan.note:
+        print(f"note: {the_plan.note}", file=sys.stderr, flush=True)
+    for url in the_plan.urls:
+        print(f"downloading {entry.name} from {url}", file=sys.stderr, flush=True)
+    try:
+        pulled = await pull(the_plan, settings.models_dir, sha256=args.sha256, keep_download=args.keep_download,
+                            force=args.force, progress=not args.no_progress, user_agent=f"cnai/{__version__}")
+    except PullError as e:
+        raise SystemExit(f"cnai models pull: {e}")
+    for f in pulled.files:
+        check = "SHA-256 checked" if f.sha256_checked else "no published SHA-256, size checked"
+        print(f"  {f.path.name}: {f.size} bytes, sha256 {f.sha256} ({check})", file=sys.stderr)
+    use = (f"CNAI_CLIP_MODEL={entry.name}" if entry.task == "clip" else f"CNAI_FACE_MODEL={entry.name}")
+    print(f"installed {entry.description} in {pulled.path}; use it with {use}")
+    from .wiring import CLIP_DIM
+    if entry.task == "clip" and entry.embed_dim != CLIP_DIM:
+        print(f"note: {entry.name} makes {entry.embed_dim}-d embeddings; cnai serves {CLIP_DIM}-d CLIP only",
+              file=sys.stderr)
+
+
+async def cmd_models_list(args, settings):
+    from .model_listing import model_listing
+    print("\n".join(model_listing(settings)))
+
+
 # --- parser ------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cnai", description="Chinese-aware AI for Immich: cn-clip, OCR and faces.")
@@ -442,6 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--arch", default="ViT-B-16", choices=["ViT-B-16", "ViT-L-14", "ViT-L-14-336", "ViT-H-14", "RN50"])
     m.add_argument("--name", default=None, help="model folder name (default: the arch)")
     m.set_defaults(func=cmd_import_clip)
+    m = msub.add_parser("pull", help="download an official model, verify it and install it",
+                        description="Download an official Chinese-CLIP checkpoint (converted to ONNX: needs "
+                                    "cnai[convert]) or a face pack into CNAI_MODELS_DIR. An interrupted download "
+                                    "resumes when the command is run again.")
+    m.add_argument("name", help="a name from `cnai models list`, e.g. ViT-B-16 or buffalo_l")
+    m.add_argument("--mirror", default=None, choices=MIRRORS,
+                   help="where to download from (default: $CNAI_MODEL_MIRROR or official): official = the "
+                        "publishers' links, huggingface = OFA-Sys's repos for CLIP and Immich's (immich-app/NAME) "
+                        "for face packs, modelscope = ModelScope, for users in China")
+    m.add_argument("--base-url", default=None,
+                   help="an in-house mirror serving <base-url>/<name>/<file> (default: $CNAI_MODEL_BASE_URL)")
+    m.add_argument("--sha256", default=None, help="the expected SHA-256 of the download, where you know it")
+    m.add_argument("--force", action="store_true", help="download and replace a model that is already installed")
+    m.add_argument("--keep-download", action="store_true",
+                   help="keep the downloaded file in <models>/.downloads after installing")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(func=cmd_models_pull)
+    m = msub.add_parser("list", help="installed models, what each task uses, and what can be pulled")
+    m.set_defaults(func=cmd_models_list)
     return p
 
 

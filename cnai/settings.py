@@ -11,6 +11,7 @@ from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_DEFAULT_FACE
 from gateway.protocol import clean_name
 from inference import defaults
 from listener.task_names import TASKS
+from models.catalogue import DEFAULT_MIRROR
 
 
 def _env(name: str, default: str = "") -> str:
@@ -80,6 +81,9 @@ class Settings:
                                                                  defaults.OCR_MAX_RESOLUTION))
     preload: bool = field(default_factory=lambda: _env("CNAI_PRELOAD", "1") not in ("0", "false", "no"))
     idle_unload_s: float = field(default_factory=lambda: _float("CNAI_MODEL_IDLE_UNLOAD_S", 0))
+    # `cnai models pull`: where models come from (official | huggingface | modelscope), or an in-house mirror
+    model_mirror: str = field(default_factory=lambda: _env("CNAI_MODEL_MIRROR", DEFAULT_MIRROR).strip().lower())
+    model_base_url: str = field(default_factory=lambda: _env("CNAI_MODEL_BASE_URL").strip())
     # gateway
     host: str = field(default_factory=lambda: _env("CNAI_HOST", "0.0.0.0"))
     port: int = field(default_factory=lambda: _int("CNAI_PORT", 3003))

@@ -463,7 +463,7 @@ def import_checkpoint(checkpoint: Path | str, arch: str, models_dir: Path | str,
 
         config = _config(name, arch, info, context_length, opset, Path(checkpoint), checks)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        _publish(tmp, final)
+        publish_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -531,7 +531,7 @@ def _open_permissions(tmp: Path) -> None:
         os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_folder(tmp: Path, final: Path) -> None:
     """Swap `tmp` into `final`; an existing model is moved aside first and deleted only after the swap."""
     _open_permissions(tmp)
     old = None
