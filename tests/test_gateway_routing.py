@@ -4,7 +4,6 @@ goes upstream where the upstream's model of that name is the same one."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import pytest_asyncio
@@ -16,7 +15,7 @@ from cnai.settings import Settings
 from cnai.wiring import build_gateway, build_pool
 from gateway.immich_models import IMMICH_OCR_MODELS, SERVED_OCR_MODELS
 from tests.conftest import render_text
-from tests.face_fixtures import canvas, face_models  # noqa: F401  (fixture)
+from tests.face_fixtures import canvas, face_models, install_buffalo_l  # noqa: F401  (fixture)
 from tests.test_gateway import immich_form, jpeg
 
 
@@ -36,12 +35,7 @@ UPSTREAM_ANSWER = {"answered": "upstream"}
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, face_models):  # noqa: F811
     """buffalo_l is here (tiny stand-ins in its layout); antelopev2 and every CLIP model are not."""
-    root = tmp_path_factory.mktemp("routing-models")
-    pack = root / "face" / "buffalo_l"
-    pack.mkdir(parents=True)
-    shutil.copy(face_models["det"], pack / "det_10g.onnx")
-    shutil.copy(face_models["rec"], pack / "w600k_r50.onnx")
-    return root
+    return install_buffalo_l(tmp_path_factory.mktemp("routing-models"), face_models)
 
 
 @pytest_asyncio.fixture(scope="module")
