@@ -69,15 +69,32 @@ class QueueStatus:
     waiting_reasons: list = field(default_factory=list)  # (task, error, n, seconds to the next try): queued again
 
 
-async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStatus:
-    # queued counts include the trigger's intake (previews not yet turned into jobs by a listener)
-    counts = await conn.fetch(
+async def job_counts(conn: asyncpg.Connection) -> list[tuple[str, str, int]]:
+    """(task, state, n) for every state with jobs; queued includes the trigger's intake (previews not yet turned
+    into jobs by a listener)."""
+    rows = await conn.fetch(
         "SELECT task, state, count(*) AS n FROM cnai.job WHERE state <> 'queued' GROUP BY 1, 2 "
         "UNION ALL SELECT task, 'queued', queued FROM cnai.queue_depth() WHERE queued > 0")
-    oldest = await conn.fetchrow(
-        "SELECT task, extract(epoch FROM now() - oldest)::float8 AS age FROM cnai.queue_depth() "
-        "WHERE oldest IS NOT NULL ORDER BY oldest, task LIMIT 1")
-    expired = await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running' AND lease_until < now()")
+    return [(r["task"], r["state"], r["n"]) for r in rows]
+
+
+async def oldest_queued_ages(conn: asyncpg.Connection) -> dict[str, float]:
+    """Per task with queued work, the age in seconds of its oldest queued job (or intake row)."""
+    rows = await conn.fetch("SELECT task, extract(epoch FROM now() - oldest)::float8 AS age FROM cnai.queue_depth() "
+                            "WHERE oldest IS NOT NULL")
+    return {r["task"]: r["age"] for r in rows}
+
+
+async def expired_leases(conn: asyncpg.Connection) -> int:
+    """Jobs still running past their lease: their listener stopped, and a reaper will re-queue them."""
+    return await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running' AND lease_until < now()")
+
+
+async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStatus:
+    counts = await job_counts(conn)
+    ages = await oldest_queued_ages(conn)
+    oldest = min(ages.items(), key=lambda ta: (-ta[1], ta[0]), default=None)
+    expired = await expired_leases(conn)
     reasons = await conn.fetch(
         "SELECT task, error, count(*) AS n, max(finished_at) AS last FROM cnai.job WHERE state = 'failed' "
         "GROUP BY 1, 2 ORDER BY n DESC, last DESC LIMIT $1", failed_limit)
@@ -93,8 +110,8 @@ async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStat
                                   "(SELECT count(*) FROM cnai.clip) AS clip, "
                                   "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
     return QueueStatus(
-        counts=[(r["task"], r["state"], r["n"]) for r in counts],
-        oldest_queued=(oldest["task"], oldest["age"]) if oldest else None,
+        counts=counts,
+        oldest_queued=oldest,
         expired_leases=expired,
         failure_reasons=[(r["task"], r["error"], r["n"]) for r in reasons],
         recent_failures=[(r["task"], r["asset_id"], r["attempts"], r["error"]) for r in failed],

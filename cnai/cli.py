@@ -92,6 +92,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 
 async def _run_service(args, settings, gateway: bool, listener: bool):
+    from .metrics import QueueReader, ServiceMetrics
     from .wiring import (build_front, build_gateway, build_listener, build_pool, front_start_problem, preload_keys,
                          refuse_bad_clip_setup)
 
@@ -118,14 +119,20 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
                 log.warning("%s is not available: %s (its jobs will fail with this reason; others keep working)",
                             key, err)
     await refuse_bad_clip_setup(pool, settings, serving=gateway)
+    metrics = ServiceMetrics(pool)
     lst = None
     if listener:
         # whether CLIP results also fill Immich's smart_search is decided in every batch (Immich's model may change)
-        lst = build_listener(dsn, pool, settings, mirror_clip=True)
+        lst = build_listener(dsn, metrics.pool, settings, mirror_clip=True)
+        metrics.listener = lst
         tasks.append(asyncio.create_task(lst.run(), name="listener"))
     if gateway:
-        app = build_gateway(pool, settings).app()
-        front = build_front(pool, settings, dsn) if with_front else None
+        # the queue's figures on /metrics, read-only; `cnai gateway` alone reads them where a database is named
+        metrics_dsn = dsn or getattr(args, "dsn", None) or settings.dsn
+        if metrics_dsn:
+            metrics.queue = QueueReader(metrics_dsn)
+        app = build_gateway(pool, settings, metrics).app()
+        front = build_front(metrics.pool, settings, dsn) if with_front else None
         if front:
             front.add_search_routes(app)
         runners.append(await _serve(app, settings.host, args.port))
@@ -151,6 +158,7 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
     await asyncio.gather(*tasks, return_exceptions=True)
     for runner in reversed(runners):
         await runner.cleanup()
+    await metrics.close()
     await pool.close()
 
 
@@ -501,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure_logging
+    configure_logging(args.log_level)
     settings = Settings()
     if getattr(args, "port", None) is None and hasattr(args, "port"):
         args.port = settings.port

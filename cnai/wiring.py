@@ -15,6 +15,7 @@ from inference.runtime import ModelMissingError, RuntimeOptions
 from listener.tasks import ClipHandler, FaceHandler, OcrHandler
 from listener.worker import Listener, ListenerConfig
 
+from .metrics import ServiceMetrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,14 @@ def build_pool(settings: Settings) -> ModelPool:
             from inference.face import FaceModel, find_face_pack
             return FaceModel(find_face_pack(settings.models_dir, self.name), rt)
 
-    for name in {settings.face_model, *IMMICH_FACE_MODELS}:
+    for name in face_packs(settings):
         pool.register(f"face:{name}", _FaceFactory(name))
     return pool
+
+
+def face_packs(settings: Settings) -> list[str]:
+    """The face packs cnai may run: Immich's own names and the one CNAI_FACE_MODEL names."""
+    return sorted({settings.face_model, *IMMICH_FACE_MODELS})
 
 
 def preload_keys(settings: Settings) -> list[str]:
@@ -72,10 +78,17 @@ def preload_keys(settings: Settings) -> list[str]:
     return keys
 
 
-def build_gateway(pool: ModelPool, settings: Settings) -> Gateway:
-    return Gateway(pool, GatewayConfig(ocr_key="ocr", clip_model=settings.clip_model,
-                                       clip_serve_as=settings.clip_serve_as,
-                                       upstream_url=settings.upstream_ml_url))
+def build_gateway(pool: ModelPool, settings: Settings, metrics: ServiceMetrics | None = None) -> Gateway:
+    """The gateway, with `/metrics` (the pool and its requests; the listener and queue when `metrics` has them).
+    It runs its models through `metrics.pool`, which times them."""
+    metrics = metrics or ServiceMetrics(pool)
+    gateway = Gateway(metrics.pool, GatewayConfig(ocr_key="ocr", clip_model=settings.clip_model,
+                                                  clip_serve_as=settings.clip_serve_as,
+                                                  face_packs=face_packs(settings),
+                                                  upstream_url=settings.upstream_ml_url),
+                      metrics=metrics.page)
+    metrics.gateway_requests = gateway.requests
+    return gateway
 
 
 def clip_result_model(settings: Settings) -> str:

@@ -1,14 +1,17 @@
-"""The HTTP side: `GET /`, `GET /ping`, `POST /predict` as Immich's server calls them.
+"""The HTTP side: `GET /`, `GET /ping`, `POST /predict` as Immich's server calls them, and `GET /metrics`.
 
 Requests run through the shared model pool at interactive priority, so a search typed by a person is not
-queued behind background indexing. Tasks or models we don't serve go to an upstream Immich ML, when one is
-configured (CNAI_UPSTREAM_ML_URL); otherwise they get a clear 400.
+queued behind background indexing. Which models are answered here is one table (gateway/routing.py): models we
+don't serve, and those whose files are missing here, go to an upstream Immich ML when one is configured
+(CNAI_UPSTREAM_ML_URL); otherwise they get a clear 400 (a missing model: a 500 naming its file).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from dataclasses import dataclass, field
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -17,11 +20,13 @@ from inference import defaults
 from inference.images import ImageDecodeError, decode_image
 from inference.ocr import OcrRequest
 from inference.pool import ModelPool, Priority
+from inference.repeated_errors import RepeatedErrorLog
 from inference.runtime import ModelMissingError
 
 from .form import PredictForm, read_predict_form
-from .immich_models import DEFAULT_CLIP_SERVE_AS
-from .protocol import RequestError, clean_name, number, parse_entries, serialize_embedding
+from .immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_FACE_MODELS
+from .protocol import RequestError, number, parse_entries, serialize_embedding
+from .routing import Route, RoutingTable, Served
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,7 @@ class GatewayConfig:
     ocr_key: str = "ocr"
     clip_model: str = defaults.CLIP_MODEL   # our cn-clip model (models dir name)
     clip_serve_as: list[str] = field(default_factory=lambda: list(DEFAULT_CLIP_SERVE_AS))
+    face_packs: list[str] = field(default_factory=lambda: list(IMMICH_FACE_MODELS))  # registered in the pool
     upstream_url: str = ""
     max_body: int = MAX_BODY                 # bytes of one /predict body, all fields together; more is a 413
 
@@ -45,10 +51,21 @@ def _json_error(status: int, detail) -> web.Response:
     return web.json_response({"detail": detail}, status=status)
 
 
+# What `GET /metrics` answers: the body and its content type, read when scraped.
+MetricsPage = Callable[[], Awaitable[tuple[bytes, str]]]
+
+
 class Gateway:
-    def __init__(self, pool: ModelPool, config: GatewayConfig):
+    def __init__(self, pool: ModelPool, config: GatewayConfig, metrics: MetricsPage | None = None):
         self.pool = pool
         self.config = config
+        self.metrics = metrics
+        self.routes = RoutingTable.build(ocr_key=config.ocr_key, clip_model=config.clip_model,
+                                         clip_serve_as=config.clip_serve_as, face_packs=config.face_packs,
+                                         upstream=bool(config.upstream_url))
+        # /predict answers by (task, HTTP status, route); read by the metrics page
+        self.requests: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.repeated_errors = RepeatedErrorLog(log)
         self._session: aiohttp.ClientSession | None = None
 
     def app(self) -> web.Application:
@@ -56,6 +73,8 @@ class Gateway:
         app.router.add_get("/", self.root)
         app.router.add_get("/ping", self.ping)
         app.router.add_post("/predict", self.predict)
+        if self.metrics is not None:
+            app.router.add_get("/metrics", self.metrics_page)
         app.on_cleanup.append(self._close)
         return app
 
@@ -69,18 +88,41 @@ class Gateway:
     async def ping(self, _request: web.Request) -> web.Response:
         return web.Response(text="pong", content_type="text/plain")
 
+    async def metrics_page(self, _request: web.Request) -> web.Response:
+        body, content_type = await self.metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     # --- /predict ---------------------------------------------------------------------------------------------
     async def predict(self, request: web.Request) -> web.Response:
+        tasks: list[str] = []
+        route = Route.SERVED
+        response = None
+        try:
+            response, tasks, route = await self._predict(request)
+            return response
+        finally:
+            status = response.status if response is not None else 500
+            for task in tasks or ["none"]:  # "none": the entries could not be read
+                self.requests[task, str(status), route.value] += 1
+
+    async def _predict(self, request: web.Request) -> tuple[web.Response, list[str], Route]:
         try:
             form = await read_predict_form(request, self.config.max_body)
         except RequestError as e:
-            return _json_error(e.status, e.detail)
+            return _json_error(e.status, e.detail), [], Route.REFUSED
         except Exception as e:
-            return _json_error(400, f"could not read the multipart form: {e}")
+            return _json_error(400, f"could not read the multipart form: {e}"), [], Route.REFUSED
+        tasks: list[str] = []
+        route = Route.REFUSED  # until the entries are read and looked up
         try:
             entries = parse_entries(form.entries)
-            if self._needs_upstream(entries):
-                return await self._proxy(form)
+            tasks = list(entries)
+            decision = self.routes.decide(entries)
+            route = decision.route
+            if decision.route is Route.FORWARDED:
+                return await self._proxy(form), tasks, Route.FORWARDED
+            if decision.route is Route.REFUSED:
+                raise RequestError(400, decision.refusal)
             image_bytes = form.image
             text = form.text
             if image_bytes is None and text is None:
@@ -92,39 +134,32 @@ class Gateway:
                 except ImageDecodeError as e:
                     status_msg = "Image has zero width or height" if "zero width" in str(e) else str(e)
                     raise RequestError(400, status_msg) from None
-            results = await asyncio.gather(*(self._run_task(task, types, image, text)
-                                             for task, types in entries.items()))
+            results = await asyncio.gather(*(self._run_task(task, types, decision.served[task], image, text)
+                                             for task, types in entries.items()), return_exceptions=True)
+            missing = [(task, r) for task, r in zip(entries, results) if isinstance(r, ModelMissingError)]
+            for task, error in missing:
+                model = next(iter(decision.served[task].values())).pool_key
+                self.repeated_errors.error(f"missing:{model}", "%s: model missing: %s", model, error)
+            if missing and self.config.upstream_url and all(
+                    s.forward_when_missing for task, _ in missing for s in decision.served[task].values()):
+                return await self._proxy(form), tasks, Route.FORWARDED
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
             body = dict(zip(entries.keys(), results))
             if image is not None:
                 body["imageHeight"] = image.height
                 body["imageWidth"] = image.width
-            return web.json_response(body)
+            return web.json_response(body), tasks, Route.SERVED
         except RequestError as e:
-            return _json_error(e.status, e.detail)
+            return _json_error(e.status, e.detail), tasks, route
         except ModelMissingError as e:
-            log.error("%s", e)
-            return _json_error(500, f"Failed to load model: {e}")
+            return _json_error(500, f"Failed to load model: {e}"), tasks, route
         except Exception as e:
             log.exception("predict failed")
-            return _json_error(500, f"{type(e).__name__}: {e}")
+            return _json_error(500, f"{type(e).__name__}: {e}"), tasks, route
 
-    def _served_clip(self, name: str) -> bool:
-        name = clean_name(name)
-        return name == clean_name(self.config.clip_model) or name in self.config.clip_serve_as
-
-    def _needs_upstream(self, entries) -> bool:
-        unknown = [f"{t}/{e.type}:{e.model_name}" for t, types in entries.items() for e in types.values()
-                   if t not in ("clip", "ocr", "facial-recognition")
-                   or (t == "clip" and not self._served_clip(e.model_name))]
-        if not unknown:
-            return False
-        if self.config.upstream_url:
-            return True
-        raise RequestError(400, f"not served here: {', '.join(unknown)} (cnai serves CLIP as "
-                                f"{', '.join([self.config.clip_model, *self.config.clip_serve_as])}; "
-                                "set CNAI_UPSTREAM_ML_URL to forward other models to Immich ML)")
-
-    async def _run_task(self, task: str, types: dict, image, text):
+    async def _run_task(self, task: str, types: dict, served: dict[str, Served], image, text):
         if task == "ocr":
             if image is None:
                 raise RequestError(400, "OCR needs an image")
@@ -141,15 +176,15 @@ class Gateway:
                 rec_min_score=number(rec.options, "minScore", rec_min, 0.0, 1.0) if rec else rec_min,
                 max_resolution=int(number(det.options, "maxResolution", max_res, 1, 100_000)) if det else max_res,
             )
-            result = await self.pool.run(self.config.ocr_key, req, Priority.INTERACTIVE)
+            result = await self.pool.run(served["detection"].pool_key, req, Priority.INTERACTIVE)
             return {"text": [ln.text for ln in result.lines], "box": [v for ln in result.lines for v in ln.box],
                     "boxScore": [ln.box_score for ln in result.lines],
                     "textScore": [ln.text_score for ln in result.lines]}
         if task == "clip":
             if image is not None and "visual" in types:
-                vec = await self.pool.run(f"clip-visual:{self.config.clip_model}", image, Priority.INTERACTIVE)
+                vec = await self.pool.run(served["visual"].pool_key, image, Priority.INTERACTIVE)
             elif text is not None and "textual" in types:
-                vec = await self.pool.run(f"clip-textual:{self.config.clip_model}", text, Priority.INTERACTIVE)
+                vec = await self.pool.run(served["textual"].pool_key, text, Priority.INTERACTIVE)
             else:
                 raise RequestError(400, "clip needs an image with a visual entry or text with a textual entry")
             return serialize_embedding(vec)
@@ -161,8 +196,7 @@ class Gateway:
                 raise RequestError(400, "Task facial-recognition of type recognition depends on output of "
                                         "(detection, facial-recognition)")
             min_score = number(det.options, "minScore", defaults.FACE_MIN_SCORE, 0.0, 1.0)
-            faces = await self.pool.run(f"face:{clean_name(det.model_name)}", (image, min_score),
-                                        Priority.INTERACTIVE)
+            faces = await self.pool.run(served["detection"].pool_key, (image, min_score), Priority.INTERACTIVE)
             return [{"boundingBox": {"x1": float(round(f.x1)), "y1": float(round(f.y1)),
                                      "x2": float(round(f.x2)), "y2": float(round(f.y2))},
                      "embedding": serialize_embedding(f.embedding), "score": float(f.score)} for f in faces]

@@ -49,3 +49,15 @@ def serve_as_problem(names: list[str], embed_dim: int) -> str | None:
         if dim != embed_dim:
             return f"Immich sizes {name} at {dim}-d, but cnai's CLIP embeddings are {embed_dim}-d"
     return None
+
+
+# OCR names Immich ML 3.x knows (its `_PADDLE_MODELS` in machine-learning/immich_ml/models/constants.py); an unprefixed
+# or CH__ name is the Chinese/Japanese/English model, a prefix picks another script's recognition model.
+IMMICH_OCR_MODELS = ("PP-OCRv5_server", "PP-OCRv5_mobile", "CH__PP-OCRv5_server", "CH__PP-OCRv5_mobile",
+                     "EL__PP-OCRv5_mobile", "EN__PP-OCRv5_mobile", "ESLAV__PP-OCRv5_mobile",
+                     "KOREAN__PP-OCRv5_mobile", "LATIN__PP-OCRv5_mobile", "TH__PP-OCRv5_mobile")
+
+# The OCR names cnai's model really is: RapidOCR's bundled Chinese/English mobile-size detector and recogniser.
+# PP-OCRv5_mobile (Immich's default) and CH__PP-OCRv5_mobile are one model in Immich ML, that same Chinese/English
+# mobile family; the server-size model and the other scripts' recognisers are other models, never answered here.
+SERVED_OCR_MODELS = ("PP-OCRv5_mobile", "CH__PP-OCRv5_mobile")

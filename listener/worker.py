@@ -9,6 +9,7 @@ spending their attempts. Its queries are in listener/queue.py.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
@@ -22,6 +23,7 @@ import asyncpg
 
 from inference.images import ImageDecodeError, decode_image
 from inference.pool import ModelPool, Priority
+from inference.repeated_errors import RepeatedErrorLog
 from inference.runtime import ModelMissingError
 
 from .errors import PermanentJobError, StorageUnavailableError
@@ -89,6 +91,12 @@ class Listener:
         self.missing_roots: set[Path] = set()  # while any is missing, nothing is claimed
         self.db: asyncpg.Pool | None = None
         self.processed = 0
+        # read by the metrics page: settled jobs by (task, outcome: done|failed|retried|deferred), jobs this
+        # listener's reaper found with an expired lease, and jobs whose lease this listener lost while working
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.lease_expiries = 0
+        self.leases_lost = 0
+        self.repeated_errors = RepeatedErrorLog(log)
         self.connected = asyncio.Event()
         self._handing_back: set[asyncio.Task] = set()
         unknown = set(config.tasks) - set(handlers)
@@ -177,6 +185,7 @@ class Listener:
                 async with self.db.acquire() as conn:
                     reaped = await self.queue.reap(conn)
                     if reaped:
+                        self.lease_expiries += reaped
                         log.warning("re-queued %d job(s) whose lease expired", reaped)
                         self.wakeup.set()
                     if time.monotonic() - last_prune > 600:
@@ -201,6 +210,7 @@ class Listener:
                     kept = await self.queue.renew(conn, list(asked))
                 lost = (asked - kept) & self.held  # a batch that settled meanwhile let go of its jobs itself
                 if lost:
+                    self.leases_lost += len(lost)
                     log.warning("lost the lease on %d job(s); their results will not be written", len(lost))
             except asyncio.CancelledError:
                 raise
@@ -303,7 +313,11 @@ class Listener:
         except StorageUnavailableError as e:
             self._storage_missing(e.root)
             return Deferred(e)
-        except (PermanentJobError, ModelMissingError) as e:
+        except ModelMissingError as e:
+            # every job of the task fails alike until the model is installed: said once a minute, not per job
+            self.repeated_errors.error(f"missing:{handler.model_key}", "%s jobs fail: %s", job.task, e)
+            return Failed(str(e), True)
+        except PermanentJobError as e:
             return Failed(str(e), True)
         except Exception as e:
             log.exception("job %s (%s) failed", job.id, job.task)
@@ -349,18 +363,29 @@ class Listener:
             if isinstance(o, Deferred):
                 deferred.setdefault(str(o.error), []).append(j.id)
         settled: set[int] = set()
+        outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
         async with self.db.acquire() as conn, conn.transaction():
             if done:
                 completed = await self.queue.complete(conn, [j.id for j, _ in done])
                 for job, outcome in done:
                     if job.id in completed:
                         await self.handlers[job.task].write(conn, job.asset_id, outcome.image, outcome.output)
+                        outcomes[job.task, "done"] += 1
                 settled |= completed
             if failed:
-                settled |= await self.queue.fail(conn, [j.id for j, _ in failed], [o.error for _, o in failed],
-                                                 [o.permanent for _, o in failed])
+                held = await self.queue.fail(conn, [j.id for j, _ in failed], [o.error for _, o in failed],
+                                             [o.permanent for _, o in failed])
+                for job, outcome in failed:
+                    if job.id in held:  # cnai.fail_jobs' rule: permanent, or out of attempts, ends it
+                        ended = outcome.permanent or job.attempts >= self.config.max_attempts
+                        outcomes[job.task, "failed" if ended else "retried"] += 1
+                settled |= held
             for reason, ids in deferred.items():
-                settled |= await self.queue.release(conn, ids, reason, self.config.backoff_base_s)
+                released = await self.queue.release(conn, ids, reason, self.config.backoff_base_s)
+                outcomes.update((j.task, "deferred") for j in jobs if j.id in released)
+                settled |= released
+        # counted once committed: a retried settle after a lost answer settles nothing the second time
+        self.outcomes.update(outcomes)
         self.processed += len(settled)
         if len(settled) < len(jobs):
             # a retry after a commit whose answer was lost lands here too: nothing is written twice

@@ -17,6 +17,7 @@ vectors are not unit length.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,15 @@ BLUE = (0, 0, 255)
 
 
 # -- pytest fixtures (imported by the test modules) -------------------------------------------------------------------
+
+
+def install_buffalo_l(models_dir: Path, face_models: dict[str, Path]) -> Path:
+    """The tiny detector and recogniser as a buffalo_l pack in `models_dir` (its file names and layout)."""
+    pack = models_dir / "face" / "buffalo_l"
+    pack.mkdir(parents=True)
+    shutil.copy(face_models["det"], pack / "det_10g.onnx")
+    shutil.copy(face_models["rec"], pack / "w600k_r50.onnx")
+    return models_dir
 
 
 @pytest.fixture(scope="session")

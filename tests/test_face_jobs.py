@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 
 import aiohttp
 import numpy as np
@@ -16,17 +15,12 @@ from PIL import Image
 from cnai.settings import Settings
 from cnai.wiring import build_gateway, build_pool
 from tests.conftest import listener_settings, make_asset, make_user, running_listener, wait_for
-from tests.face_fixtures import BLUE, canvas, face_models  # noqa: F401  (fixture)
+from tests.face_fixtures import BLUE, canvas, face_models, install_buffalo_l  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory, face_models):  # noqa: F811
-    root = tmp_path_factory.mktemp("models")
-    pack = root / "face" / "buffalo_l"
-    pack.mkdir(parents=True)
-    shutil.copy(face_models["det"], pack / "det_10g.onnx")
-    shutil.copy(face_models["rec"], pack / "w600k_r50.onnx")
-    return root
+    return install_buffalo_l(tmp_path_factory.mktemp("models"), face_models)
 
 
 def face_settings(models_dir) -> Settings:
