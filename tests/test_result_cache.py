@@ -186,34 +186,30 @@ async def test_a_person_joining_queued_background_work_moves_it_to_the_front():
     await pool.close()
 
 
-async def test_background_batches_wait_for_interactive_work_in_another_lane():
+async def background_beside_a_search(search_s: float, yield_s: float) -> list:
+    """A text query runs for search_s in one lane; a background image comes to another lane meanwhile. Returns the
+    log of batch starts and ends once the background item is done."""
     log: list = []
-    person = ScalingModel("text", delay=0.3, log=log)
-    indexing = ScalingModel("image", delay=0.01, log=log)
-    pool = ModelPool(max_wait_s=0, background_yield_s=10)
-    pool.register("text", lambda: person)
-    pool.register("image", lambda: indexing)
+    pool = ModelPool(max_wait_s=0, background_yield_s=yield_s)
+    pool.register("text", lambda: ScalingModel("text", delay=search_s, log=log))
+    pool.register("image", lambda: ScalingModel("image", delay=0.01, log=log))
     query = asyncio.create_task(pool.run("text", (1, 1), Priority.INTERACTIVE))
     await asyncio.sleep(0.05)  # the person's request is running
     await pool.run("image", (2, 1), Priority.BACKGROUND)
+    seen = list(log)
     await query
-    assert log == [("start", "text"), ("end", "text"), ("start", "image"), ("end", "image")]
     await pool.close()
+    return seen
+
+
+async def test_background_batches_wait_for_interactive_work_in_another_lane():
+    log = await background_beside_a_search(search_s=0.3, yield_s=10)
+    assert log == [("start", "text"), ("end", "text"), ("start", "image"), ("end", "image")]
 
 
 async def test_background_waits_at_most_its_bound():
-    log: list = []
-    person = ScalingModel("text", delay=3.0, log=log)
-    indexing = ScalingModel("image", delay=0.01, log=log)
-    pool = ModelPool(max_wait_s=0, background_yield_s=0.05)
-    pool.register("text", lambda: person)
-    pool.register("image", lambda: indexing)
-    query = asyncio.create_task(pool.run("text", (1, 1), Priority.INTERACTIVE))
-    await asyncio.sleep(0.05)
-    await pool.run("image", (2, 1), Priority.BACKGROUND)
+    log = await background_beside_a_search(search_s=3.0, yield_s=0.05)
     assert log == [("start", "text"), ("start", "image"), ("end", "image")]  # never starved
-    await query
-    await pool.close()
 
 
 async def test_batch_sizes_are_counted():

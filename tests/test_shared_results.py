@@ -2,11 +2,16 @@
 computation in the shared pool, whichever comes first (real OCR, real listener, real PostgreSQL)."""
 from __future__ import annotations
 
+import io
 import json
 
+import numpy as np
 from aiohttp.test_utils import TestClient, TestServer
 
 from cnai.wiring import build_gateway, build_pool
+from gateway.app import Gateway, GatewayConfig
+from inference.ocr import OcrResult
+from inference.pool import ModelPool
 from tests.conftest import listener_settings, make_asset, make_user, render_text, running_listener, wait_for
 from tests.test_gateway import OCR_ENTRIES, immich_form
 
@@ -61,3 +66,40 @@ async def test_cache_off_runs_the_model_for_each_path(db, dsn, photo_dir):
         assert pool.stats()["ocr"].items == 2
     finally:
         await pool.close()
+
+
+class PriorityProbe:
+    """Stands in for a model; records whether the pool counted its batch as a person's (interactive) work."""
+
+    max_batch = 1
+
+    def __init__(self, key, pool, output):
+        self.key, self.pool, self.output, self.seen = key, pool, output, []
+
+    def load(self):
+        pass
+
+    def unload(self):
+        pass
+
+    def run_batch(self, items):
+        self.seen.append(self.pool._interactive > 0)
+        return [self.output for _ in items]
+
+
+async def test_gateway_runs_image_jobs_in_the_background_and_text_queries_interactive():
+    pool = ModelPool()
+    ocr = PriorityProbe("ocr", pool, OcrResult())
+    text = PriorityProbe("clip-textual:ViT-B-16", pool, np.ones(4, dtype=np.float32))
+    pool.register("ocr", lambda: ocr)
+    pool.register("clip-textual:ViT-B-16", lambda: text)
+    buf = io.BytesIO()
+    render_text(["发票"]).save(buf, "JPEG")
+    async with TestClient(TestServer(Gateway(pool, GatewayConfig(clip_model="ViT-B-16")).app())) as client:
+        r = await client.post("/predict", data=immich_form(OCR_ENTRIES, buf.getvalue()))
+        assert r.status == 200, await r.text()
+        r = await client.post("/predict", data=immich_form(
+            {"clip": {"textual": {"modelName": "ViT-B-32__openai", "options": {}}}}, text="海边"))
+        assert r.status == 200, await r.text()
+    await pool.close()
+    assert ocr.seen == [False] and text.seen == [True]
