@@ -11,7 +11,7 @@ import collections
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Hashable
 
 import asyncpg
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -89,10 +89,11 @@ class MeteredPool:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._pool, name)
 
-    async def run(self, key: str, item: Any, priority: Priority = Priority.BACKGROUND) -> Any:
+    async def run(self, key: str, item: Any, priority: Priority = Priority.BACKGROUND,
+                  content: Hashable | None = None) -> Any:
         started = time.perf_counter()
         try:
-            return await self._pool.run(key, item, priority)
+            return await self._pool.run(key, item, priority, content=content)
         finally:
             self._seconds.labels(key, priority.name.lower()).observe(time.perf_counter() - started)
 

@@ -84,6 +84,13 @@ class Settings:
     # `cnai models pull`: where models come from (official | huggingface | modelscope), or an in-house mirror
     model_mirror: str = field(default_factory=lambda: _env("CNAI_MODEL_MIRROR", DEFAULT_MIRROR).strip().lower())
     model_base_url: str = field(default_factory=lambda: _env("CNAI_MODEL_BASE_URL").strip())
+    # results shared by the gateway and the listener (one inference per photo and task); 0 MB: off
+    result_cache_mb: float = field(default_factory=lambda: _float("CNAI_RESULT_CACHE_MB", defaults.RESULT_CACHE_MB))
+    result_cache_ttl_s: float = field(default_factory=lambda: _float("CNAI_RESULT_CACHE_TTL_S",
+                                                                     defaults.RESULT_CACHE_TTL_S))
+    # the longest a background batch waits for a person's request (a search) to finish; 0: never waits
+    background_yield_s: float = field(default_factory=lambda: _float("CNAI_BACKGROUND_YIELD_S",
+                                                                     defaults.BACKGROUND_YIELD_S))
     # gateway
     host: str = field(default_factory=lambda: _env("CNAI_HOST", "0.0.0.0"))
     port: int = field(default_factory=lambda: _int("CNAI_PORT", 3003))
@@ -110,11 +117,14 @@ class Settings:
         for name, value, least in (("CNAI_BATCH_SIZE", self.batch_size, 1), ("CNAI_CONCURRENCY", self.concurrency, 1),
                                    ("CNAI_MAX_ATTEMPTS", self.max_attempts, 1),
                                    ("CNAI_BACKOFF_BASE_S", self.backoff_base_s, 0),
-                                   ("CNAI_STOP_GRACE_S", self.stop_grace_s, 0)):
+                                   ("CNAI_STOP_GRACE_S", self.stop_grace_s, 0),
+                                   ("CNAI_RESULT_CACHE_MB", self.result_cache_mb, 0),
+                                   ("CNAI_BACKGROUND_YIELD_S", self.background_yield_s, 0)):
             if value < least:
                 raise SystemExit(f"{name} must be at least {least}, got {value}")
         for name, value in (("CNAI_LEASE_S", self.lease_s), ("CNAI_POLL_INTERVAL_S", self.poll_interval_s),
-                            ("CNAI_PRUNE_AFTER_S", self.prune_after_s), ("CNAI_FRONT_TIMEOUT_S", self.front_timeout_s)):
+                            ("CNAI_PRUNE_AFTER_S", self.prune_after_s), ("CNAI_FRONT_TIMEOUT_S", self.front_timeout_s),
+                            ("CNAI_RESULT_CACHE_TTL_S", self.result_cache_ttl_s)):
             if value <= 0:
                 raise SystemExit(f"{name} must be more than 0, got {value}")
         if not 0 <= self.front_port <= 65535:

@@ -31,7 +31,10 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
 
 
 def build_pool(settings: Settings) -> ModelPool:
-    pool = ModelPool(idle_unload_s=settings.idle_unload_s)
+    pool = ModelPool(idle_unload_s=settings.idle_unload_s,
+                     result_cache_bytes=int(settings.result_cache_mb * 2**20),
+                     result_cache_ttl_s=settings.result_cache_ttl_s,
+                     background_yield_s=settings.background_yield_s)
     rt = runtime_options(settings)
     pool.register("ocr", lambda: OcrModel(rt, max_batch=4))
 

@@ -1,9 +1,12 @@
 """The HTTP side: `GET /`, `GET /ping`, `POST /predict` as Immich's server calls them, and `GET /metrics`.
 
-Requests run through the shared model pool at interactive priority, so a search typed by a person is not
-queued behind background indexing. Which models are answered here is one table (gateway/routing.py): models we
-don't serve, and those whose files are missing here, go to an upstream Immich ML when one is configured
-(CNAI_UPSTREAM_ML_URL); otherwise they get a clear 400 (a missing model: a 500 naming its file).
+Requests run through the shared model pool: a text query (a person typing a search) at interactive
+priority, Immich's image jobs (CLIP, faces, OCR: bulk work nobody watches) at background priority beside
+the listener's, in arrival order. Images are named by a digest of the bytes Immich sent, the preview file the
+listener reads too, so each photo is inferred once per task whichever of the two asks first. Which models are
+answered here is one table (gateway/routing.py): models we don't serve, and those whose files are missing
+here, go to an upstream Immich ML when one is configured (CNAI_UPSTREAM_ML_URL); otherwise they get a clear
+400 (a missing model: a 500 naming its file).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from inference import defaults
-from inference.images import ImageDecodeError, decode_image
+from inference.images import ImageDecodeError, decode_with_digest
 from inference.ocr import OcrRequest
 from inference.pool import ModelPool, Priority
 from inference.repeated_errors import RepeatedErrorLog
@@ -127,14 +130,15 @@ class Gateway:
             text = form.text
             if image_bytes is None and text is None:
                 raise RequestError(400, "Either image or text must be provided")
-            image = None
+            image = digest = None
             if image_bytes is not None:
                 try:
-                    image = await asyncio.get_running_loop().run_in_executor(None, decode_image, image_bytes)
+                    image, digest = await asyncio.get_running_loop().run_in_executor(
+                        None, decode_with_digest, image_bytes)
                 except ImageDecodeError as e:
                     status_msg = "Image has zero width or height" if "zero width" in str(e) else str(e)
                     raise RequestError(400, status_msg) from None
-            results = await asyncio.gather(*(self._run_task(task, types, decision.served[task], image, text)
+            results = await asyncio.gather(*(self._run_task(task, types, decision.served[task], image, digest, text)
                                              for task, types in entries.items()), return_exceptions=True)
             missing = [(task, r) for task, r in zip(entries, results) if isinstance(r, ModelMissingError)]
             for task, error in missing:
@@ -159,7 +163,7 @@ class Gateway:
             log.exception("predict failed")
             return _json_error(500, f"{type(e).__name__}: {e}"), tasks, route
 
-    async def _run_task(self, task: str, types: dict, served: dict[str, Served], image, text):
+    async def _run_task(self, task: str, types: dict, served: dict[str, Served], image, digest, text):
         if task == "ocr":
             if image is None:
                 raise RequestError(400, "OCR needs an image")
@@ -176,15 +180,15 @@ class Gateway:
                 rec_min_score=number(rec.options, "minScore", rec_min, 0.0, 1.0) if rec else rec_min,
                 max_resolution=int(number(det.options, "maxResolution", max_res, 1, 100_000)) if det else max_res,
             )
-            result = await self.pool.run(served["detection"].pool_key, req, Priority.INTERACTIVE)
+            result = await self.pool.run(served["detection"].pool_key, req, Priority.BACKGROUND, content=digest)
             return {"text": [ln.text for ln in result.lines], "box": [v for ln in result.lines for v in ln.box],
                     "boxScore": [ln.box_score for ln in result.lines],
                     "textScore": [ln.text_score for ln in result.lines]}
         if task == "clip":
             if image is not None and "visual" in types:
-                vec = await self.pool.run(served["visual"].pool_key, image, Priority.INTERACTIVE)
+                vec = await self.pool.run(served["visual"].pool_key, image, Priority.BACKGROUND, content=digest)
             elif text is not None and "textual" in types:
-                vec = await self.pool.run(served["textual"].pool_key, text, Priority.INTERACTIVE)
+                vec = await self.pool.run(served["textual"].pool_key, text, Priority.INTERACTIVE, content=text)
             else:
                 raise RequestError(400, "clip needs an image with a visual entry or text with a textual entry")
             return serialize_embedding(vec)
@@ -196,7 +200,8 @@ class Gateway:
                 raise RequestError(400, "Task facial-recognition of type recognition depends on output of "
                                         "(detection, facial-recognition)")
             min_score = number(det.options, "minScore", defaults.FACE_MIN_SCORE, 0.0, 1.0)
-            faces = await self.pool.run(served["detection"].pool_key, (image, min_score), Priority.INTERACTIVE)
+            faces = await self.pool.run(served["detection"].pool_key, (image, min_score), Priority.BACKGROUND,
+                                        content=digest)
             return [{"boundingBox": {"x1": float(round(f.x1)), "y1": float(round(f.y1)),
                                      "x2": float(round(f.x2)), "y2": float(round(f.y2))},
                      "embedding": serialize_embedding(f.embedding), "score": float(f.score)} for f in faces]

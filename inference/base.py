@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Hashable, Protocol, runtime_checkable
 
 import onnxruntime as ort
 
@@ -31,6 +31,11 @@ class BatchModel(Protocol):
     def unload(self) -> None: ...
 
     def run_batch(self, items: list[Any]) -> list[Any]: ...
+
+    def options_key(self, item: Any) -> Hashable | None:
+        """Everything in `item` besides its content that changes the output (thresholds, sizes), so the pool can
+        share results between equal requests; None: this item's result is never shared."""
+        ...
 
 
 class InferenceModel(ABC):
@@ -66,6 +71,10 @@ class InferenceModel(ABC):
     def run_batch(self, items: list[Any]) -> list[Any]:
         self.load()
         return self._predict_batch(items)
+
+    def options_key(self, item: Any) -> Hashable | None:
+        # a family that does not say which options matter never has its results shared
+        return None
 
     def session(self, path: Path | str, missing_hint: str) -> ort.InferenceSession:
         """An ONNX Runtime session for one of this model's files, created by the shared factory."""

@@ -16,3 +16,9 @@ FACE_MIN_SCORE = 0.7
 
 # The Chinese-CLIP architecture imported and served unless told otherwise: the one with 512-d embeddings.
 CLIP_MODEL = "ViT-B-16"
+
+# The pool's shared results (one computation per model, options and input content): memory and age limits.
+RESULT_CACHE_MB = 256
+RESULT_CACHE_TTL_S = 3600
+# The longest a background batch waits for a person's request, in any model, to finish before it starts.
+BACKGROUND_YIELD_S = 0.2

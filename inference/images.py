@@ -12,6 +12,8 @@ import io
 from PIL import Image, UnidentifiedImageError, features
 from PIL.JpegImagePlugin import JpegImageFile
 
+from .cache import content_digest
+
 # Previews are at most ~1440 px on a side (~2 megapixels); this leaves room for large originals in the standalone
 # folder while a decoded image stays around 150 MB as RGB.
 MAX_PIXELS = 50_000_000
@@ -135,3 +137,8 @@ def decode_image(data: bytes) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
     return img.convert("RGB")
+
+
+def decode_with_digest(data: bytes) -> tuple[Image.Image, str]:
+    """The image, and the pool's name for its content (see ModelPool.run): a digest of the bytes as stored."""
+    return decode_image(data), content_digest(data)

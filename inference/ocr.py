@@ -117,6 +117,9 @@ class OcrModel(InferenceModel):
     def _unload(self) -> None:
         self._engine = None
 
+    def options_key(self, item: OcrRequest) -> tuple:
+        return (float(item.det_min_score), float(item.rec_min_score), int(item.max_resolution))
+
     def _predict_batch(self, items: list[OcrRequest]) -> list[OcrResult | Exception]:
         out: list[OcrResult | Exception] = []
         for item in items:

@@ -4,6 +4,11 @@ Each model has a lane: callers `await pool.run(key, item, priority)`; the lane's
 `max_batch` waiting items (after at most `max_wait_s` for stragglers), interactive ones first, and runs them in
 the model's own thread. So a person's search never waits behind a backfill for more than the batch in flight,
 each model is loaded once, and models of different families run in parallel.
+
+Results are shared by content (`content`): the gateway and the listener asking for the same preview, model and
+options meet on one computation, whichever comes first paying (see cache.py). And while a person's request is
+queued or running in any lane, background batches wait a little before starting (`background_yield_s`), so the
+cores are free for it.
 """
 from __future__ import annotations
 
@@ -12,32 +17,51 @@ import collections
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
+from . import defaults
 from .base import BatchModel
+from .cache import ResultCache
 
 log = logging.getLogger(__name__)
 
 
 class Priority(IntEnum):
-    INTERACTIVE = 0  # live Immich traffic, a person waiting
-    BACKGROUND = 1   # queue work
+    INTERACTIVE = 0  # a person waiting: a search's text embedding
+    BACKGROUND = 1   # indexing, Immich's own jobs through the gateway and cnai's queue alike, in arrival order
 
 
 @dataclass
 class PoolStats:
+    """What one model's lane did; read by the metrics endpoint."""
     batches: int = 0
-    items: int = 0
+    items: int = 0             # inputs the model actually computed
     busy_s: float = 0.0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)  # batch size -> batches
+    cache_hits: int = 0        # answered from a stored result
+    cache_misses: int = 0      # cacheable requests that started a computation
+    singleflight_joins: int = 0  # answered by waiting for the same computation already under way
+
+
+class _Flight:
+    """One computation in the pool, awaited by every caller that asked for the same thing meanwhile."""
+
+    def __init__(self, fut: asyncio.Future, priority: Priority):
+        self.fut = fut
+        self.priority = priority
+        self.waiters = 0
+        self.queued = False         # placed in its lane's queue (it holds a back-pressure slot until done)
+        self.interactive = False    # counted in the pool's interactive work in flight
 
 
 class _Lane:
     def __init__(self, model: BatchModel, max_wait_s: float, queue_limit: int):
         self.model = model
         self.max_wait_s = max_wait_s
-        self.queues = {p: collections.deque() for p in Priority}
+        self.queues: dict[Priority, collections.deque[tuple[Any, _Flight]]] = {
+            p: collections.deque() for p in Priority}
         # back-pressure: a caller waits here when too much is already queued at its priority
         self.slots = {p: asyncio.Semaphore(queue_limit) for p in Priority}
         self.wakeup = asyncio.Event()
@@ -57,19 +81,33 @@ class _Lane:
             q = self.queues[p]
             batch = []
             while q and len(batch) < self.model.max_batch:
-                item, fut = q.popleft()
-                if not fut.cancelled():
-                    batch.append((item, fut, p))
+                item, flight = q.popleft()
+                if not flight.fut.done():  # done: every caller gave up (cancelled) or the pool closed
+                    batch.append((item, flight.fut, p))
             if batch:
                 return batch
         return []
 
 
 class ModelPool:
-    def __init__(self, max_wait_s: float = 0.003, queue_limit: int = 512, idle_unload_s: float = 0):
+    def __init__(self, max_wait_s: float = 0.003, queue_limit: int = 512, idle_unload_s: float = 0,
+                 result_cache_bytes: int = defaults.RESULT_CACHE_MB * 2**20,
+                 result_cache_ttl_s: float = defaults.RESULT_CACHE_TTL_S,
+                 background_yield_s: float = defaults.BACKGROUND_YIELD_S):
         self.max_wait_s = max_wait_s
         self.queue_limit = queue_limit
         self.idle_unload_s = idle_unload_s  # 0: keep models loaded (no cold start after a pause)
+        # results shared by content (callers pass `content`); 0 bytes: every request computes, as before
+        self.results = ResultCache(result_cache_bytes, result_cache_ttl_s)
+        # the longest a background batch waits, before it starts, for a person's request in any lane to finish:
+        # ONNX Runtime's threads of a running batch hold the cores, so ordering each queue is not enough
+        if background_yield_s < 0:
+            raise ValueError(f"background_yield_s must be 0 (never wait) or more, got {background_yield_s}")
+        self.background_yield_s = background_yield_s
+        self._flights: dict[Hashable, _Flight] = {}
+        self._interactive = 0  # interactive inputs queued or running, all lanes together
+        self._interactive_idle = asyncio.Event()
+        self._interactive_idle.set()
         self._factories: dict[str, Callable[[], BatchModel]] = {}
         self._lanes: dict[str, _Lane] = {}
         self._janitor: asyncio.Task | None = None
@@ -100,16 +138,107 @@ class ModelPool:
         return self._lane(key).model
 
     # --- use --------------------------------------------------------------------------------------------------
-    async def run(self, key: str, item: Any, priority: Priority = Priority.BACKGROUND) -> Any:
-        """Run one item through model `key`; raises the model's exception for this item, if any."""
+    async def run(self, key: str, item: Any, priority: Priority = Priority.BACKGROUND,
+                  content: Hashable | None = None) -> Any:
+        """Run one item through model `key`; raises the model's exception for this item, if any.
+
+        content names the input by what it is: `content_digest` of an image file's bytes (as stored, before
+        decoding), or a query's text. Given it, a result for the same model, content and options (the model's
+        `options_key`) answers at once, and a request equal to one under way waits for it instead of computing.
+        """
         if self._closed:
             raise RuntimeError("model pool is closed")
         lane = self._lane(key)
-        async with lane.slots[priority]:
-            fut = asyncio.get_running_loop().create_future()
-            lane.queues[priority].append((item, fut))
-            lane.wakeup.set()
-            return await fut
+        loop = asyncio.get_running_loop()
+        options_key = getattr(lane.model, "options_key", None)
+        options = None if content is None or not self.results.enabled or options_key is None else options_key(item)
+        if options is None:
+            return await self._await(lane, item, _Flight(loop.create_future(), priority), owner=True)
+        shared_key = (key, content, options)
+        hit, value = self.results.get(shared_key)
+        if hit:
+            lane.stats.cache_hits += 1
+            return value
+        flight = self._flights.get(shared_key)
+        if flight is not None:
+            lane.stats.singleflight_joins += 1
+            if priority < flight.priority:
+                self._promote(lane, flight, priority)
+            return await self._await(lane, item, flight, owner=False)
+        lane.stats.cache_misses += 1
+        flight = _Flight(loop.create_future(), priority)
+        self._flights[shared_key] = flight
+        flight.fut.add_done_callback(lambda f: self._landed(shared_key, flight))
+        return await self._await(lane, item, flight, owner=True)
+
+    async def _await(self, lane: _Lane, item: Any, flight: _Flight, owner: bool) -> Any:
+        """Wait for the flight's result; the owner first places the item in the lane's queue."""
+        flight.waiters += 1
+        try:
+            if owner:
+                await self._enqueue(lane, item, flight)
+            return await asyncio.shield(flight.fut)
+        except asyncio.CancelledError:
+            flight.waiters -= 1
+            if not flight.fut.done():
+                if flight.waiters == 0:
+                    flight.fut.cancel()  # nobody wants it any more: the lane skips it
+                elif owner and not flight.queued:
+                    # others joined while this caller waited for a queue slot: queue it for them
+                    asyncio.ensure_future(self._enqueue(lane, item, flight))
+            raise
+
+    async def _enqueue(self, lane: _Lane, item: Any, flight: _Flight) -> None:
+        slots = lane.slots[flight.priority]
+        await slots.acquire()
+        if flight.fut.done():
+            slots.release()
+            return
+        flight.fut.add_done_callback(lambda _f: slots.release())
+        flight.queued = True
+        lane.queues[flight.priority].append((item, flight))
+        if flight.priority == Priority.INTERACTIVE:
+            self._count_interactive(flight)
+        lane.wakeup.set()
+
+    def _promote(self, lane: _Lane, flight: _Flight, priority: Priority) -> None:
+        """A person now waits on work queued in the background: move it to the front queue."""
+        old = flight.priority
+        flight.priority = priority
+        if not flight.queued:
+            return  # its owner still waits for a queue slot, and queues it at the new priority
+        queue = lane.queues[old]
+        for entry in queue:
+            if entry[1] is flight:
+                queue.remove(entry)
+                lane.queues[priority].append(entry)
+                break
+        else:
+            return  # already running
+        if priority == Priority.INTERACTIVE:
+            self._count_interactive(flight)
+        lane.wakeup.set()
+
+    def _count_interactive(self, flight: _Flight) -> None:
+        if flight.interactive:
+            return
+        flight.interactive = True
+        self._interactive += 1
+        self._interactive_idle.clear()
+
+        def finished(_f):
+            self._interactive -= 1
+            if self._interactive == 0:
+                self._interactive_idle.set()
+        flight.fut.add_done_callback(finished)
+
+    def _landed(self, shared_key: Hashable, flight: _Flight) -> None:
+        if self._flights.get(shared_key) is flight:
+            del self._flights[shared_key]
+        fut = flight.fut
+        # failures are not kept: the next request tries again (the photo may be replaced, the model installed)
+        if not fut.cancelled() and fut.exception() is None:
+            self.results.put(shared_key, fut.result())
 
     async def run_many(self, key: str, items: list, priority: Priority = Priority.BACKGROUND) -> list:
         """Like run() for several items; exceptions are returned in place, not raised."""
@@ -142,9 +271,9 @@ class ModelPool:
         for lane in self._lanes.values():
             for q in lane.queues.values():
                 while q:
-                    _, fut = q.popleft()
-                    if not fut.done():
-                        fut.set_exception(RuntimeError("model pool closed"))
+                    _, flight = q.popleft()
+                    if not flight.fut.done():
+                        flight.fut.set_exception(RuntimeError("model pool closed"))
             lane.executor.shutdown(wait=True, cancel_futures=True)
         self._lanes.clear()
 
@@ -155,6 +284,8 @@ class ModelPool:
             await lane.wakeup.wait()
             lane.wakeup.clear()
             while lane.pending():
+                if not lane.queues[Priority.INTERACTIVE] and self._interactive:
+                    await self._yield_to_interactive(lane)
                 interactive_waiting = bool(lane.queues[Priority.INTERACTIVE])
                 if lane.pending() < lane.model.max_batch and lane.max_wait_s > 0 and not interactive_waiting:
                     # give concurrent callers a moment to join this batch
@@ -175,6 +306,7 @@ class ModelPool:
                     lane.in_flight = 0
                 lane.stats.batches += 1
                 lane.stats.items += len(items)
+                lane.stats.batch_sizes[len(items)] += 1
                 lane.stats.busy_s += time.perf_counter() - started
                 lane.last_used = time.monotonic()
                 for (_, fut, _), out in zip(batch, outputs):
@@ -184,6 +316,20 @@ class ModelPool:
                         fut.set_exception(out)
                     else:
                         fut.set_result(out)
+
+    async def _yield_to_interactive(self, lane: _Lane) -> None:
+        """Before a background batch: wait, at most background_yield_s, while a person's request is queued or
+        running in another lane, unless one arrives in this lane (then it goes next)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.background_yield_s
+        while self._interactive and not lane.queues[Priority.INTERACTIVE]:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._interactive_idle.wait(), timeout=min(left, 0.01))
+            except asyncio.TimeoutError:
+                pass
 
     @staticmethod
     def _run_batch(lane: _Lane, items: list) -> list:

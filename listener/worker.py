@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from inference.images import ImageDecodeError, decode_image
+from inference.images import ImageDecodeError, decode_with_digest
 from inference.pool import ModelPool, Priority
 from inference.repeated_errors import RepeatedErrorLog
 from inference.runtime import ModelMissingError
@@ -255,7 +255,8 @@ class Listener:
     async def _process(self, jobs: list[Claimed]) -> None:
         try:
             paths = await self._preview_paths([j.asset_id for j in jobs])
-            decoded: dict = {}  # one read and decode per preview, shared by the asset's clip/ocr/face jobs
+            # one read and decode per preview, shared by the asset's clip/ocr/face jobs
+            decoded: dict = {}
             gone = (None, "asset no longer exists")
             outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id, gone), decoded) for j in jobs))
             await self._settle(jobs, outcomes)
@@ -305,8 +306,10 @@ class Listener:
             if local not in decoded:
                 decoded[local] = asyncio.get_running_loop().run_in_executor(
                     None, _read_image, local, mapped_root(local, self.config.path_map))
-            image = await asyncio.shield(decoded[local])
-            output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND)
+            image, digest = await asyncio.shield(decoded[local])
+            # named by the file's bytes: a result the gateway computed for Immich's request answers this job
+            output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND,
+                                         content=digest)
             return Done(image, output)
         except asyncio.CancelledError:
             raise
@@ -426,6 +429,7 @@ def root_is_missing(root: Path) -> bool:
 
 
 def _read_image(path: Path, root: Path | None = None):
+    """The decoded preview and the digest of its bytes (inference.images.decode_with_digest)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -437,6 +441,6 @@ def _read_image(path: Path, root: Path | None = None):
     except PermissionError:
         raise PermanentJobError(f"preview file not readable (permission denied): {path}") from None
     try:
-        return decode_image(data)
+        return decode_with_digest(data)
     except ImageDecodeError as e:
         raise PermanentJobError(f"{e} ({path})") from None

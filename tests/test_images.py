@@ -8,6 +8,7 @@ from PIL import Image
 
 from inference.images import (ACCEPTED_FORMATS, DECODABLE_SUFFIXES, DRAFT_MIN_SIDE, MAX_PIXELS, ImageDecodeError,
                               declared_size, decode_image)
+from inference.cache import content_digest
 from listener.errors import PermanentJobError
 from listener.worker import _read_image
 
@@ -89,7 +90,8 @@ def test_truncated_jpeg_is_an_error():
 def test_listener_reads_files_through_the_same_rules(tmp_path):
     good = tmp_path / "a.webp"
     good.write_bytes(encode(gradient((320, 240)), "WEBP"))
-    assert _read_image(good).size == (320, 240)
+    image, digest = _read_image(good)
+    assert image.size == (320, 240) and digest == content_digest(good.read_bytes())
     gif = tmp_path / "b.jpg"  # the suffix does not matter, the bytes do
     gif.write_bytes(encode(gradient((32, 32)), "GIF"))
     with pytest.raises(PermanentJobError, match=f"unsupported image format GIF.*{gif.name}"):

@@ -76,6 +76,9 @@ class _ClipEncoder(InferenceModel):
         self._session = None
         self._input = ""
 
+    def options_key(self, item: Any) -> tuple:
+        return ()  # the output depends on the input alone
+
     @property
     def config(self) -> dict[str, Any]:
         if self._config is None:

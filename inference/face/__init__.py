@@ -97,6 +97,10 @@ class FaceModel(InferenceModel):
         self.detector = None
         self.recognizer = None
 
+    def options_key(self, item: Any) -> float:
+        min_score = item[1] if isinstance(item, tuple) else None
+        return DEFAULT_MIN_SCORE if min_score is None else float(min_score)
+
     def _predict_batch(self, items: list[Any]) -> list[list[Face] | Exception]:
         assert self.detector is not None and self.recognizer is not None
         results: list[list[Face] | Exception | None] = [None] * len(items)
