@@ -172,6 +172,11 @@ def build_handlers(settings: Settings, mirror_clip: bool = False) -> dict:
     }
 
 
+def task_models(settings: Settings) -> dict[str, str]:
+    """Each task's model name as its handler records it in cnai.task_run (what `cnai.queue_missing` compares)."""
+    return {task: handler.model_name for task, handler in build_handlers(settings).items()}
+
+
 def listener_config(settings: Settings) -> ListenerConfig:
     return ListenerConfig(tasks=settings.tasks, path_map=settings.path_map, batch_size=settings.batch_size,
                           concurrency=settings.concurrency, poll_interval_s=settings.poll_interval_s,
