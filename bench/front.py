@@ -32,7 +32,7 @@ from cnai.db import migrate  # noqa: E402
 from cnai.embedded import EmbeddedServer  # noqa: E402
 from cnai.settings import Settings  # noqa: E402
 from cnai.wiring import build_front, build_pool  # noqa: E402
-from front.search_db import SEARCH  # noqa: E402
+from front.database import SEARCH  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "immich"
 TOKEN = "bench-token"

@@ -215,12 +215,12 @@ async def cmd_backfill(args, settings):
     import asyncpg
 
     from . import admin
-    from .wiring import build_handlers
+    from .wiring import task_models
     dsn = await _prepare(args, settings)
-    handlers = build_handlers(settings)
+    models_of = task_models(settings)
     conn = await asyncpg.connect(dsn)
     try:
-        models = {task: handlers[task].model_name for task in args.task or TASKS}
+        models = {task: models_of[task] for task in args.task or TASKS}
         for task, n in (await admin.backfill(conn, models, args.force)).items():
             print(f"{task}: queued {n}")
     finally:

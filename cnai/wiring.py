@@ -5,7 +5,7 @@ import logging
 from pathlib import Path
 
 from front.app import Front, FrontConfig
-from front.search_db import SearchDatabase
+from front.database import FrontDatabase
 from gateway.app import Gateway, GatewayConfig
 from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_FACE_MODELS, serve_as_problem
 from inference import defaults
@@ -107,10 +107,12 @@ def front_start_problem(settings: Settings) -> str | None:
 
 
 def build_front(pool: ModelPool, settings: Settings, dsn: str) -> Front:
-    """Immich's search endpoints, answered from cnai.search; their DB pool serves cnai.search only."""
+    """Immich's search endpoints, answered from cnai.search; the front door's reprocess buttons queue work for the
+    models this install's handlers record."""
     config = FrontConfig(immich_url=settings.immich_url, clip_text_key=f"clip-textual:{settings.clip_model}",
-                         clip_model=clip_result_model(settings), timeout_s=settings.front_timeout_s)
-    return Front(pool, config, SearchDatabase(dsn, settings.front_timeout_s))
+                         clip_model=clip_result_model(settings), timeout_s=settings.front_timeout_s,
+                         task_models=task_models(settings))
+    return Front(pool, config, FrontDatabase(dsn, settings.front_timeout_s))
 
 
 async def immich_clip_model(conn) -> str:
@@ -186,6 +188,11 @@ def build_handlers(settings: Settings, mirror_clip: bool = False) -> dict:
         "face": FaceHandler("face", f"face:{settings.face_model}", model_name=settings.face_model,
                             min_score=settings.face_min_score),
     }
+
+
+def task_models(settings: Settings) -> dict[str, str]:
+    """Each task's model name as its handler records it in cnai.task_run (what `cnai.queue_missing` compares)."""
+    return {task: handler.model_name for task, handler in build_handlers(settings).items()}
 
 
 def listener_config(settings: Settings) -> ListenerConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Awaitable, Callable
 
 import aiohttp
 from aiohttp import WSMsgType, web
@@ -61,9 +62,11 @@ class ImmichProxy:
             return value[len(self.base_url):]
         return value
 
-    async def forward(self, request: web.Request, body: bytes | None = None) -> web.StreamResponse:
+    async def forward(self, request: web.Request, body: bytes | None = None,
+                      on_answer: Callable[[int], Awaitable[None]] | None = None) -> web.StreamResponse:
         """`request` to Immich and Immich's answer back; `body` when it was already read here (a search), else the
-        client's body streams through."""
+        client's body streams through. `on_answer` is awaited with Immich's status before the client gets it (not
+        when Immich could not be reached), and must not raise."""
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self.websocket(request)
         headers = forwarded_request_headers(request)
@@ -81,6 +84,8 @@ class ImmichProxy:
         except aiohttp.ClientError as e:
             return json_error(502, f"Immich at {self.base_url} is unreachable: {e}")
         try:
+            if on_answer is not None:
+                await on_answer(upstream.status)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
             for name, value in _end_to_end(upstream.headers).items():
                 response.headers.add(name, self._location(value) if name.lower() == "location" else value)

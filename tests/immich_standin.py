@@ -1,9 +1,10 @@
 """Immich's API played from the responses a real Immich 3.1.0 answered (tests/fixtures/immich, see its README).
 
 A request that was recorded (same method, path, query, credential and JSON body) gets the recorded answer.
-`GET /api/users/me`, `/api/partners`, `/api/auth/status` and `/api/assets/{id}` are also answered for the other
-credentials of the scene (index.json), by the rules the README reads from Immich's source — who a credential is,
-whose partner they are, which photos they may read — with bodies taken from the recordings. What neither covers is
+`GET /api/users/me`, `/api/partners`, `/api/auth/status`, `/api/assets/{id}` and `POST /api/assets/jobs` are also
+answered for the other credentials of the scene (index.json), by the rules the README reads from Immich's source —
+who a credential is, whose partner they are, which photos they may read or update — with bodies taken from the
+recordings. What neither covers is
 a 501 that names the request, so a test that needs more fails saying so instead of passing on made-up data.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aiohttp import web
 
 FIXTURES = Path(__file__).parent / "fixtures" / "immich"
 NOT_FOUND = {"message": "Not found or no asset.read access"}
+NOT_UPDATABLE = {"message": "Not found or no asset.update access"}
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -131,6 +133,8 @@ class ImmichStandIn:
                 return self._auth_status(who)
             if request.path.startswith("/api/assets/"):
                 return self._asset(who, request.path.rsplit("/", 1)[1])
+        if request.method == "POST" and request.path == "/api/assets/jobs" and isinstance(parsed, dict):
+            return self._asset_jobs(who, parsed.get("assetIds") or [])
         return self._not_recorded(f"{request.method} {request.path_qs} {parsed!r}")
 
     def _replay(self, method, path, query, headers, body):
@@ -203,6 +207,17 @@ class ImmichStandIn:
         if who.user != asset["owner"]:
             dto = dict(dto, people=[])
         return web.json_response(dto)
+
+    def _asset_jobs(self, who: Who, asset_ids: list) -> web.Response:
+        """Immich's asset.update, which the asset menu's jobs need for every id: the owner only (the locked folder
+        with an elevated session); otherwise the recorded 400, and no job runs."""
+        if refused := self._forbidden(who, "asset.update"):
+            return refused
+        for asset_id in asset_ids:
+            asset = self.assets.get(asset_id)
+            if asset is None or who.user != asset["owner"] or (asset_state(asset)[0] == "locked" and not who.elevated):
+                return web.json_response(NOT_UPDATABLE, status=400)
+        return web.Response(status=204)
 
     def may_read(self, who: Who, asset: dict) -> bool:
         """Immich's asset.read for these users (README "Asset access"): the owner (the locked folder only with an

@@ -1,6 +1,8 @@
-"""The front's only use of cnai's database: `cnai.search` with the owners Immich named, and whether cnai.clip holds
-the CLIP model the front would embed a query with. Bounded by a timeout everywhere, so a database that is down
-makes a quick 503, never a hang."""
+"""The front's only uses of cnai's database: `cnai.search` with the owners Immich named, whether cnai.clip holds the
+CLIP model the front would embed a query with, and — for the front door's reprocess buttons — reprocess requests for
+the assets Immich just let the caller regenerate, or every asset queued after an administrator's "Generate
+Thumbnails → All". Bounded by a timeout everywhere, so a database that is down makes a quick 503 (or a logged
+warning), never a hang."""
 from __future__ import annotations
 
 import asyncio
@@ -14,13 +16,19 @@ CLIP_MODEL_CHECK_EVERY_S = 60.0
 
 SEARCH = """SELECT asset_id FROM cnai.search($1, $2::vector, $3::uuid[], $4, $5, visibilities => $6::text[],
                                             locked_owner => $7::uuid, clip_model => $8)"""
+# every task (tasks NULL), ahead of background work; the check trigger refuses hidden, trashed and unknown assets
+REPROCESS_EACH = "INSERT INTO reprocess_request (asset_id) SELECT unnest($1::uuid[])"
+REPROCESS_ONE = "INSERT INTO reprocess_request (asset_id) VALUES ($1::uuid)"
+QUEUE_EVERY_ASSET = "SELECT cnai.queue_missing($1, $2, true)"
+# one task over a whole library (hundreds of thousands of rows) takes far longer than a search may
+QUEUE_EVERY_ASSET_TIMEOUT_S = 600.0
 
 
-class SearchUnavailable(Exception):
+class DatabaseUnavailable(Exception):
     """cnai's database could not answer (down, unreachable, too slow, or not migrated)."""
 
 
-class SearchDatabase:
+class FrontDatabase:
     def __init__(self, dsn: str, timeout_s: float, max_connections: int = 8):
         self.dsn = dsn
         self.timeout_s = timeout_s
@@ -43,7 +51,7 @@ class SearchDatabase:
             async with await self._acquire() as conn:
                 return await work(conn)
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-            raise SearchUnavailable(f"cnai's database could not {what}: {type(e).__name__}: {e}") from None
+            raise DatabaseUnavailable(f"cnai's database could not {what}: {type(e).__name__}: {e}") from None
 
     async def search(self, text: str, embedding: str | None, owner_ids: list[str], visibilities: list[str] | None,
                      locked_owner: str | None, clip_model: str | None, size: int, offset: int
@@ -72,6 +80,34 @@ class SearchDatabase:
                                 lambda conn: conn.fetchval("SELECT cnai.clip_has_model($1)", clip_model))
         self._clip_models[clip_model] = (bool(found), time.monotonic())
         return bool(found)
+
+    async def file_reprocess_requests(self, asset_ids: list[str]) -> list[str]:
+        """A reprocess request for every task of each asset, all in one statement; where the check trigger refuses
+        one (hidden, trashed, unknown), one statement per asset, so the others still go in. Returns why each refused
+        asset was refused. Written only for assets Immich has just let the caller regenerate: Immich did the access
+        check, cnai reads nothing of theirs."""
+        async def work(conn):
+            try:
+                await conn.execute(REPROCESS_EACH, asset_ids)
+                return []
+            except asyncpg.IntegrityConstraintViolationError:
+                pass
+            refused = []
+            for asset_id in asset_ids:
+                try:
+                    await conn.execute(REPROCESS_ONE, asset_id)
+                except asyncpg.IntegrityConstraintViolationError as e:
+                    refused.append(str(e))
+            return refused
+        return await self._run("file reprocess requests", work)
+
+    async def queue_every_asset(self, task_models: dict[str, str]) -> dict[str, int]:
+        """Every task for every asset cnai works on, in the background (priority 1), as `cnai backfill --force`
+        does; `task_models`: task -> the model name its handler records. How many jobs each task added."""
+        async def work(conn):
+            return {task: await conn.fetchval(QUEUE_EVERY_ASSET, task, model, timeout=QUEUE_EVERY_ASSET_TIMEOUT_S)
+                    for task, model in task_models.items()}
+        return await self._run("queue every asset", work)
 
     async def close(self) -> None:
         if self._pool is not None:
