@@ -514,7 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--port", type=port_number, default=None,
                            help="port for Immich's ML requests (default: $CNAI_PORT, else 3003 as Immich ML)")
         if name == "serve":
-            s.add_argument("--watch", type=Path, default=None, help="import photos added to this folder")
+            s.add_argument("--watch", type=Path, default=None, help="import photos added to this folder (default: none watched)")
 
     s = command("reprocess", "re-run tasks for one asset and wait for the outcome", cmd_reprocess)
     add_db_args(s)

