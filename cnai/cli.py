@@ -20,24 +20,23 @@ log = logging.getLogger("cnai")
 
 
 # --- argument types: bad input is refused by the parser, with the option's name ----------------------------------
-def positive_int(text: str) -> int:
+def _whole_number(text: str, least: int, most: int | None, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if value < least or (most is not None and value > most):
+        raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}" if most is None
+                                         else f"{what} is {least} to {most}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1, None, "a whole number")
 
 
 def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 1 to 65535, got {value}")
-    return value
+    return _whole_number(text, 1, 65535, "a port number")
 
 
 def positive_float(text: str) -> float:
@@ -262,10 +261,7 @@ async def cmd_reprocess(args, settings):
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
-        try:
-            req_id = await admin.request_reprocess(conn, args.asset_id, args.task or None)
-        except (asyncpg.PostgresError, asyncpg.DataError) as e:
-            raise SystemExit(f"cnai reprocess: {e}")
+        req_id = await admin.request_reprocess(conn, args.asset_id, args.task or None)
         print(f"request {req_id} queued for asset {args.asset_id} ({', '.join(args.task or TASKS)})", flush=True)
         if args.no_wait:
             return

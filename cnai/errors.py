@@ -23,7 +23,9 @@ def describe(e: BaseException) -> str:
     if isinstance(e, (asyncpg.CannotConnectNowError, asyncpg.PostgresConnectionError)):
         return f"the database is not accepting connections: {_first_line(e)}"
     if isinstance(e, asyncpg.PostgresError):
-        return f"the database said: {_first_line(e)}"
+        # cnai's own checks (triggers) speak to the person directly; their hint says what to do
+        hint = getattr(e, "hint", None)
+        return redact(e.args[0] if e.args else _first_line(e)) + (f" ({hint})" if hint else "")
     if isinstance(e, (ConnectionError, TimeoutError)) or (isinstance(e, OSError) and e.errno is not None
                                                              and not getattr(e, "filename", None)):
         # asyncpg raises the socket's own error; its text names the address it tried

@@ -3,31 +3,17 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import urllib.request
-from pathlib import Path
 
-import pytest
 
 from cnai.embedded import EmbeddedServer, _free_port
-from tests.conftest import render_text, stop_process, wait_until
+from tests.conftest import render_text, stop_process, wait_for_ping, wait_until
 
 
 def cnai(*args, env, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnai", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture
-def embedded_home():
-    root = Path(tempfile.mkdtemp(prefix="cnai-cli-"))
-    root.chmod(0o755)  # as root, the server's own user must reach the data folder in it
-    yield root
-    EmbeddedServer(root / "data").destroy()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_serve_watch_search_reprocess(embedded_home):
@@ -40,15 +26,7 @@ def test_serve_watch_search_reprocess(embedded_home):
     serve = subprocess.Popen([sys.executable, "-m", "cnai", "serve", *db, "--watch", str(photos), "--port", str(port)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def ping():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    return r.read() == b"pong"
-            except OSError:
-                if serve.poll() is not None:
-                    raise AssertionError(serve.stdout.read())
-                return False
-        wait_until(ping, 120, "the gateway")
+        wait_for_ping(serve, port)
         render_text(["增值税发票", "Invoice 2024"]).save(photos / "receipt.jpg", quality=90)
         render_text(["海边日落"]).save(photos / "sunset.png")
 

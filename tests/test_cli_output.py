@@ -2,9 +2,7 @@
 skips or cannot index explained."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import sys
 
 import pytest
 
@@ -12,7 +10,7 @@ from cnai.matched_text import matched_snippet, query_terms
 from cnai.standalone import sync_folder
 from listener.errors import PermanentJobError
 from listener.worker import _read_image
-from tests.conftest import make_user
+from tests.conftest import make_user, run_cnai
 
 
 def test_unreadable_image_reason_names_no_memory_address_and_is_the_same_for_every_file(photo_dir):
@@ -27,14 +25,6 @@ def test_unreadable_image_reason_names_no_memory_address_and_is_the_same_for_eve
         assert str(path) in message  # the file is still named, after the reason
         reasons.append(message.split(" — ")[0])
     assert reasons[0] == reasons[1] and reasons[0].startswith("not a readable image")
-
-
-async def cnai(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cnai", *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
 
 
 async def test_status_groups_failures_by_reason_and_names_the_files(db, dsn, photo_dir):
@@ -53,7 +43,7 @@ async def test_status_groups_failures_by_reason_and_names_the_files(db, dsn, pho
                VALUES ($1, $2, $3, sha256(convert_to($2, 'UTF8'))) RETURNING id""", owner, str(path), path.name)
         await db.execute("INSERT INTO cnai.job (asset_id, task, state, attempts, error, finished_at) "
                          "VALUES ($1, 'ocr', 'failed', 1, $2, now())", asset, error)
-    out = await cnai("status", "--dsn", dsn)
+    out = await run_cnai("status", "--dsn", dsn)
     grouped = out.split("failed, by reason")[1].split("recent failures:")[0]
     assert len([ln for ln in grouped.splitlines() if "not a readable image" in ln]) == 1, out
     assert "     3  ocr   not a readable image" in grouped, out
