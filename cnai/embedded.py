@@ -181,10 +181,11 @@ class EmbeddedServer:
         self._pg("pg_ctl", "-D", str(self.pgdata), "reload")
 
     def _psql(self, port: int, database: str, sql: str) -> str:
+        # the statement goes in on stdin, so a password in it never shows in the process list
         psql = [str(self.bins() / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", SUPERUSER, "-d", database,
-                "-tAc", sql]
+                "-v", "ON_ERROR_STOP=1", "-tA", "-f", "-"]
         env = {**os.environ, "PGPASSWORD": self.password()}
-        return subprocess.run(psql, capture_output=True, text=True, check=True, env=env).stdout.strip()
+        return subprocess.run(psql, input=sql, capture_output=True, text=True, check=True, env=env).stdout.strip()
 
     def port(self) -> int | None:
         """Port of the running server, from postmaster.pid; None if it is not running."""

@@ -187,3 +187,18 @@ def test_database_refusals_are_one_line(dsn):
     assert dsn.split("@")[0] not in out  # no password
     assert_one_line_error(cnai("search", "--dsn", dsn, "--user", "nobody@example.com", "ocr:x"),
                           "no Immich user with e-mail nobody@example.com")
+
+
+async def test_a_cluster_that_trusted_local_clients_gets_a_password(embedded_home):
+    server = EmbeddedServer(embedded_home / "data")
+    server.start()
+    server.stop()
+    # as an older cnai left it: every local TCP client trusted, no password
+    (server.pgdata / "pg_hba.conf").write_text("host all all 127.0.0.1/32 trust\n")
+    server.password_file.unlink()
+    port = server.start()
+    assert server.password()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/immich")
+    conn = await asyncpg.connect(server.dsn())
+    await conn.close()
