@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from inference.images import DETAIL_SEPARATOR
+
 PINNED_SEARCH_PATH = "search_path=pg_catalog, pg_temp"
 # migrate re-applies a code file only when the file changed, so repairing a database needs its record gone first
 REAPPLY_TRIGGERS = "re-apply cnai's triggers: DELETE FROM cnai.migration WHERE id LIKE 'triggers/%', then `cnai migrate`"
@@ -64,7 +66,7 @@ class QueueStatus:
     oldest_queued: tuple | None  # (task, age in seconds)
     expired_leases: int
     failure_reasons: list  # (task, error, n), most frequent first
-    recent_failures: list  # (task, asset_id, attempts, error)
+    recent_failures: list  # (task, asset_id, attempts, error, the asset's file path)
     results: dict          # task -> assets with results
     waiting_reasons: list = field(default_factory=list)  # (task, error, n, seconds to the next try): queued again
 
@@ -95,17 +97,20 @@ async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStat
     ages = await oldest_queued_ages(conn)
     oldest = min(ages.items(), key=lambda ta: (-ta[1], ta[0]), default=None)
     expired = await expired_leases(conn)
+    # grouped by the reason, without the file it is about (after DETAIL_SEPARATOR): one line per cause
     reasons = await conn.fetch(
-        "SELECT task, error, count(*) AS n, max(finished_at) AS last FROM cnai.job WHERE state = 'failed' "
-        "GROUP BY 1, 2 ORDER BY n DESC, last DESC LIMIT $1", failed_limit)
+        "SELECT task, split_part(error, $2, 1) AS error, count(*) AS n, max(finished_at) AS last FROM cnai.job "
+        "WHERE state = 'failed' GROUP BY 1, 2 ORDER BY n DESC, last DESC LIMIT $1", failed_limit, DETAIL_SEPARATOR)
     failed = await conn.fetch(
-        "SELECT task, asset_id, attempts, error, finished_at FROM cnai.job WHERE state = 'failed' "
-        "ORDER BY finished_at DESC NULLS LAST LIMIT $1", failed_limit)
+        """SELECT j.task, j.asset_id, j.attempts, j.error, j.finished_at, a."originalPath" AS path
+             FROM cnai.job j LEFT JOIN public.asset a ON a.id = j.asset_id
+            WHERE j.state = 'failed' ORDER BY j.finished_at DESC NULLS LAST LIMIT $1""", failed_limit)
     # queued again after a failure that may pass (backoff, an unmounted root): what they wait for
     waiting = await conn.fetch(
-        "SELECT task, error, count(*) AS n, greatest(extract(epoch FROM min(run_after) - now()), 0)::float8 AS next "
+        "SELECT task, split_part(error, $2, 1) AS error, count(*) AS n, "
+        "greatest(extract(epoch FROM min(run_after) - now()), 0)::float8 AS next "
         "FROM cnai.job WHERE state = 'queued' AND error IS NOT NULL GROUP BY 1, 2 ORDER BY n DESC LIMIT $1",
-        failed_limit)
+        failed_limit, DETAIL_SEPARATOR)
     results = await conn.fetchrow("SELECT (SELECT count(*) FROM cnai.ocr) AS ocr, "
                                   "(SELECT count(*) FROM cnai.clip) AS clip, "
                                   "(SELECT count(DISTINCT asset_id) FROM cnai.face) AS face")
@@ -114,7 +119,7 @@ async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStat
         oldest_queued=oldest,
         expired_leases=expired,
         failure_reasons=[(r["task"], r["error"], r["n"]) for r in reasons],
-        recent_failures=[(r["task"], r["asset_id"], r["attempts"], r["error"]) for r in failed],
+        recent_failures=[(r["task"], r["asset_id"], r["attempts"], r["error"], r["path"]) for r in failed],
         results=dict(results),
         waiting_reasons=[(r["task"], r["error"], r["n"], r["next"]) for r in waiting])
 

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from listener.task_names import TASKS
@@ -19,22 +20,91 @@ from .settings import Settings
 log = logging.getLogger("cnai")
 
 
+# --- argument types: bad input is refused by the parser, with the option's name ----------------------------------
+def _whole_number(text: str, least: int, most: int | None, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+    if value < least or (most is not None and value > most):
+        raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}" if most is None
+                                         else f"{what} is {least} to {most}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _whole_number(text, 1, None, "a whole number")
+
+
+def port_number(text: str) -> int:
+    return _whole_number(text, 1, 65535, "a port number")
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def asset_id(text: str) -> str:
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an asset id (a UUID such as 3fa85f64-5717-4562-b3fc-2c963f66afa6): "
+                                         f"{text!r}") from None
+
+
+class Parser(argparse.ArgumentParser):
+    """Bad arguments are one line (and exit code 2), naming the command and where to read its options."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, except where the help already says it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or not (action.option_strings or action.nargs in ("?", "*"))):
+            return text
+        return text + " (default: %(default)s)"
+
+
 # --- database selection ------------------------------------------------------------------------------------------
 def add_db_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("database")
     g.add_argument("--dsn", default=None, help="PostgreSQL URL of Immich's database (default: $CNAI_DSN)")
     g.add_argument("--embedded", action="store_true",
-                   help="use (and start if needed) the embedded PostgreSQL in --data-dir")
+                   help="use (and start if needed) the embedded PostgreSQL in --data-dir; the last cnai process "
+                        "using it stops it")
     g.add_argument("--data-dir", type=Path, default=None,
-                   help="embedded server's folder (default: $CNAI_DATA_DIR or ~/.local/share/cnai)")
+                   help="embedded server's folder (default: $CNAI_DATA_DIR, else /var/lib/cnai as root, "
+                        "~/.local/share/cnai otherwise)")
+
+
+def embedded_server(args):
+    from .embedded import EmbeddedServer, default_data_dir
+    return EmbeddedServer((args.data_dir or default_data_dir()).resolve())
+
+
+# the embedded servers this process attached to; main() detaches at exit, so the last process out stops it
+_attached: list = []
 
 
 def resolve_dsn(args, settings: Settings) -> tuple[str, bool]:
     """Returns (dsn, standalone): the embedded server always holds a standalone schema."""
     if args.embedded or (not (args.dsn or settings.dsn) and args.data_dir):
-        from .embedded import EmbeddedServer, default_data_dir
-        server = EmbeddedServer((args.data_dir or default_data_dir()).resolve())
-        return server.dsn(), True
+        server = embedded_server(args)
+        dsn = server.attach()
+        if server not in _attached:
+            _attached.append(server)
+        return dsn, True
     dsn = args.dsn or settings.dsn
     if not dsn:
         raise SystemExit("no database: pass --dsn URL (or set CNAI_DSN), or use --embedded")
@@ -85,6 +155,30 @@ async def _wait_for_database(args, settings, stop: asyncio.Event) -> str | None:
     return None
 
 
+def bind_port(host: str, port: int):
+    """A listening socket on host:port, or one line saying why not."""
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as e:
+        raise SystemExit(f"cnai: cannot listen on {host}:{port}: {e.strerror or e}")
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp does: restart over TIME_WAIT
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        import errno
+        if e.errno == errno.EADDRINUSE:
+            raise SystemExit(f"cnai: port {port} on {host} is already in use (another cnai serve, or Immich's "
+                             "ML?): stop it, or pass --port / set CNAI_PORT")
+        raise SystemExit(f"cnai: cannot listen on {host}:{port}: {e.strerror or e}")
+    sock.setblocking(False)
+    return sock
+
+
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -101,10 +195,16 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
         raise SystemExit(f"cnai: {problem}")
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    # taken before the database and the models, so a busy port fails in a second, not after a minute's start
+    listen_socket = bind_port(settings.host, args.port) if gateway else None
+    door_socket = bind_port(settings.host, settings.front_port) if with_front and settings.front_port else None
     dsn = None
     if listener or getattr(args, "watch", None):
         dsn = await _wait_for_database(args, settings, stop)
         if dsn is None:
+            for sock in (listen_socket, door_socket):
+                if sock:
+                    sock.close()
             return
     elif with_front:
         dsn = resolve_dsn(args, settings)[0]  # the front connects when the first search comes
@@ -135,11 +235,11 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
         front = build_front(metrics.pool, settings, dsn) if with_front else None
         if front:
             front.add_search_routes(app)
-        runners.append(await _serve(app, settings.host, args.port))
+        runners.append(await _serve(app, listen_socket))
         print(f"cnai gateway listening on http://{settings.host}:{args.port} (MACHINE_LEARNING_URL"
               + (", and Immich's search endpoints for a reverse proxy)" if front else ")"), flush=True)
         if front and settings.front_port:
-            runners.append(await _serve(front.door_app(), settings.host, settings.front_port))
+            runners.append(await _serve(front.door_app(), door_socket))
             print(f"cnai front door listening on http://{settings.host}:{settings.front_port} (open Immich here; "
                   f"all but search goes to {settings.immich_url})", flush=True)
     if getattr(args, "watch", None):
@@ -162,11 +262,12 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
     await pool.close()
 
 
-async def _serve(app, host: str, port: int):
+async def _serve(app, sock):
+    """Serve `app` on a socket bound before the slow part of the start (see bind_port)."""
     from aiohttp import web
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.SockSite(runner, sock).start()
     return runner
 
 
@@ -189,10 +290,7 @@ async def cmd_reprocess(args, settings):
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
-        try:
-            req_id = await admin.request_reprocess(conn, args.asset_id, args.task or None)
-        except (asyncpg.PostgresError, asyncpg.DataError) as e:
-            raise SystemExit(f"cnai reprocess: {e}")
+        req_id = await admin.request_reprocess(conn, args.asset_id, args.task or None)
         print(f"request {req_id} queued for asset {args.asset_id} ({', '.join(args.task or TASKS)})", flush=True)
         if args.no_wait:
             return
@@ -247,9 +345,11 @@ async def cmd_search(args, settings):
     if not rows:
         print("no match", file=sys.stderr)
         return
+    from .matched_text import matched_snippet
+    print(f"{len(rows)} match(es) for {args.query!r}, best first:")
+    print(f"{'#':>3}  {'score':>7}  {'asset':36}  path  |  matched text ([…] marks the match)")
     for i, r in enumerate(rows, 1):
-        snippet = " ".join((r["text"] or "").split())[:60]
-        print(f"{i:3d}  {r['score']:.4f}  {r['asset_id']}  {r['path']}  {snippet}")
+        print(f"{i:3d}  {r['score']:7.4f}  {r['asset_id']}  {r['path']}  |  {matched_snippet(r['text'], args.query)}")
 
 
 async def _text_embedding(settings, text: str) -> str | None:
@@ -308,8 +408,8 @@ async def cmd_status(args, settings):
         for task, error, n in st.failure_reasons:
             print(f"  {n:>6d}  {task:5s} {error or '(no reason recorded)'}")
         print("recent failures:")
-        for task, asset_id, attempts, error in st.recent_failures:
-            print(f"  {task:5s} {asset_id}  after {attempts} attempt(s): {error}")
+        for task, asset_id, attempts, error, path in st.recent_failures:
+            print(f"  {task:5s} {path or asset_id}  after {attempts} attempt(s): {error}")
 
 
 async def cmd_retry(args, settings):
@@ -332,13 +432,14 @@ async def cmd_doctor(args, settings):
     import onnxruntime as ort
     problems = 0
 
-    def report(ok: bool, subject: str, detail: str) -> None:
+    def report(level: str, subject: str, detail: str) -> None:
         nonlocal problems
-        problems += not ok
-        print(f"  {'ok' if ok else 'PROBLEM':8s}{subject}: {detail}")
+        problems += level == "PROBLEM"
+        print(f"  {level:8s}{subject}: {detail}")
 
     print(f"cnai {__version__}; ONNX Runtime {ort.__version__}, providers here: {', '.join(ort.get_available_providers())}")
     print(f"configured providers: {', '.join(settings.providers)}")
+    print(f"tasks (CNAI_TASKS): {', '.join(settings.tasks)}")
     try:
         import asyncpg
 
@@ -350,25 +451,53 @@ async def cmd_doctor(args, settings):
             await check_server(conn)
             version, applied = await admin.database_summary(conn)
             print(f"database: PostgreSQL {version}, pgvector ok, {applied} cnai migration(s) applied")
-            for f in await admin.check_database(conn):
-                report(f.ok, f.subject, f.detail)
+            if not applied:
+                report("PROBLEM", "cnai schema", "not migrated yet: run `cnai migrate` (serve and listen do it at start)")
+            else:
+                for f in await admin.check_database(conn):
+                    report("ok" if f.ok else "PROBLEM", f.subject, f.detail)
         finally:
             await conn.close()
     except SystemExit as e:
         print(f"database: not configured ({e})")
     except Exception as e:
+        from .errors import describe
         problems += 1
-        print(f"database: PROBLEM — {e}")
+        print(f"database: PROBLEM — {describe(e)}")
     print(f"models dir: {settings.models_dir}")
-    from .wiring import build_pool, preload_keys
+    from .wiring import build_pool, task_model_keys
     pool = build_pool(settings)
     try:
-        for key, err in (await pool.preload(preload_keys(settings))).items():
-            report(err is None, key, "loads" if err is None else f"missing — {err}")
+        for task, keys in task_model_keys(settings).items():
+            errors = await pool.preload(keys)
+            # one finding per task: CLIP's two halves missing for one reason is one thing to fix
+            reasons = list(dict.fromkeys(str(e) for e in errors.values() if e is not None))
+            names = dict.fromkeys(k.split(":", 1)[1] for k in keys if ":" in k)
+            subject = f"{task} ({', '.join(names) or 'bundled'})"
+            if not reasons:
+                report("ok", subject, "loads")
+            elif task in settings.tasks:
+                report("PROBLEM", subject, "missing — " + "; ".join(reasons))
+            else:
+                report("warning", subject, f"not installed (task not in CNAI_TASKS, so not needed) — {reasons[0]}")
     finally:
         await pool.close()
     if problems:
         raise SystemExit(1)
+
+
+async def cmd_stop(args, settings):
+    server = embedded_server(args)
+    if not server.initialised():
+        raise SystemExit(f"cnai stop: no embedded PostgreSQL in {server.data_dir}")
+    if server.port() is None:
+        print(f"the embedded PostgreSQL in {server.data_dir} is not running")
+        return
+    stopped, users = server.stop_unless_used(force=args.force)
+    if not stopped:
+        raise SystemExit(f"cnai stop: {len(users)} cnai process(es) still use the embedded PostgreSQL in "
+                         f"{server.data_dir} (pid {', '.join(map(str, users))}): stop them first, or pass --force")
+    print(f"stopped the embedded PostgreSQL in {server.data_dir}")
 
 
 async def cmd_import_clip(args, settings):
@@ -418,65 +547,70 @@ async def cmd_models_list(args, settings):
 
 # --- parser ------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cnai", description="Chinese-aware AI for Immich: cn-clip, OCR and faces.")
+    p = Parser(prog="cnai", description="Chinese-aware AI for Immich: cn-clip, OCR and faces.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--version", action="version", version=f"cnai {__version__}")
-    p.add_argument("--log-level", default=os.environ.get("CNAI_LOG_LEVEL", "INFO"))
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--log-level", default=os.environ.get("CNAI_LOG_LEVEL", "INFO"), type=str.upper,
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="how much to log ($CNAI_LOG_LEVEL)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("migrate", help="create or update cnai's tables, functions and triggers")
+    def command(name: str, helptext: str, func) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=helptext, description=helptext, formatter_class=HelpFormatter)
+        s.set_defaults(func=func)
+        return s
+
+    s = command("migrate", "create or update cnai's tables, functions and triggers", cmd_migrate)
     add_db_args(s)
     s.add_argument("--standalone", action="store_true",
                    help="create a minimal Immich-compatible schema when there is none")
-    s.set_defaults(func=cmd_migrate)
 
     for name, func, helptext in (("serve", cmd_serve, "gateway + listener sharing one model pool"),
                                  ("gateway", cmd_gateway, "only the Immich ML endpoint"),
                                  ("listen", cmd_listen, "only the queue listener")):
-        s = sub.add_parser(name, help=helptext)
+        s = command(name, helptext, func)
         add_db_args(s)
         if name != "listen":
-            s.add_argument("--port", type=int, default=int(os.environ.get("CNAI_PORT", 3003)))
+            s.add_argument("--port", type=port_number, default=None,
+                           help="port for Immich's ML requests (default: $CNAI_PORT, else 3003 as Immich ML)")
         if name == "serve":
-            s.add_argument("--watch", type=Path, default=None, help="import photos added to this folder")
-        s.set_defaults(func=func)
+            s.add_argument("--watch", type=Path, default=None, help="import photos added to this folder (default: none watched)")
 
-    s = sub.add_parser("reprocess", help="re-run tasks for one asset and wait for the outcome")
+    s = command("reprocess", "re-run tasks for one asset and wait for the outcome", cmd_reprocess)
     add_db_args(s)
-    s.add_argument("asset_id")
-    s.add_argument("--task", action="append", choices=TASKS, help="repeatable; default all")
-    s.add_argument("--no-wait", action="store_true")
-    s.add_argument("--timeout", type=float, default=300)
-    s.set_defaults(func=cmd_reprocess)
+    s.add_argument("asset_id", type=asset_id, help="the Immich asset's id (a UUID)")
+    s.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all tasks)")
+    s.add_argument("--no-wait", action="store_true", help="queue the request and return at once")
+    s.add_argument("--timeout", type=positive_float, default=300, help="seconds to wait for the outcome")
 
-    s = sub.add_parser("backfill", help="queue work for every asset with a preview that lacks results")
+    s = command("backfill", "queue work for every asset with a preview that lacks results", cmd_backfill)
     add_db_args(s)
-    s.add_argument("--task", action="append", choices=TASKS)
+    s.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all tasks)")
     s.add_argument("--force", action="store_true", help="queue all assets, even those with results")
-    s.set_defaults(func=cmd_backfill)
 
-    s = sub.add_parser("search", help="search like Immich would: 'ocr:发票' or free text")
+    s = command("search", "search like Immich would: 'ocr:发票' or free text", cmd_search)
     add_db_args(s)
-    s.add_argument("query")
+    s.add_argument("query", help="'ocr:WORDS' searches OCR text only; other text also CLIP when a model is there")
     s.add_argument("--user", action="append", metavar="EMAIL",
-                   help="only this Immich user's photos (repeatable); default: every user's")
-    s.add_argument("--limit", type=int, default=20)
-    s.add_argument("--ocr-only", action="store_true")
-    s.set_defaults(func=cmd_search)
+                   help="only this Immich user's photos (repeatable; default: every user's)")
+    s.add_argument("--limit", type=positive_int, default=20, help="how many results to show")
+    s.add_argument("--ocr-only", action="store_true", help="search OCR text only, as the ocr: prefix does")
 
-    s = sub.add_parser("status", help="queue counts, oldest queued job, recent failures")
+    s = command("status", "queue counts, oldest queued job, recent failures", cmd_status)
     add_db_args(s)
-    s.add_argument("--failed-limit", type=int, default=20)
-    s.set_defaults(func=cmd_status)
+    s.add_argument("--failed-limit", type=positive_int, default=20,
+                   help="how many failure reasons and recent failures to list")
 
-    s = sub.add_parser("retry", help="re-queue failed jobs")
+    s = command("retry", "re-queue failed jobs", cmd_retry)
     add_db_args(s)
-    s.add_argument("--failed", action="store_true")
-    s.add_argument("--task", action="append", choices=TASKS)
-    s.set_defaults(func=cmd_retry)
+    s.add_argument("--failed", action="store_true", help="re-queue the failed jobs (required)")
+    s.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all tasks)")
 
-    s = sub.add_parser("doctor", help="check the database, providers and models")
+    s = command("doctor", "check the database, providers and models", cmd_doctor)
     add_db_args(s)
-    s.set_defaults(func=cmd_doctor)
+
+    s = command("stop", "stop the embedded PostgreSQL (refused while a cnai process uses it)", cmd_stop)
+    add_db_args(s)
+    s.add_argument("--force", action="store_true", help="stop it even while cnai processes use it")
 
     s = sub.add_parser("models", help="model management")
     msub = s.add_subparsers(dest="models_command", required=True)
@@ -511,18 +645,30 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     from .logs import configure_logging
     configure_logging(args.log_level)
-    settings = Settings()
-    if getattr(args, "port", None) is None and hasattr(args, "port"):
-        args.port = settings.port
+    # the one error boundary: whatever goes wrong is one line naming the command and exit code 1; the traceback
+    # is logged at debug level
     try:
-        asyncio.run(args.func(args, settings))
-    except KeyboardInterrupt:
-        pass
-    except Exception as e:
-        from .db import DatabaseSetupError
-        if isinstance(e, DatabaseSetupError):
-            raise SystemExit(f"cnai: {e}")
+        settings = Settings()
+        if getattr(args, "port", None) is None and hasattr(args, "port"):
+            args.port = settings.port
+        try:
+            asyncio.run(args.func(args, settings))
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+        finally:
+            for server in _attached:
+                try:
+                    server.detach()
+                except Exception as e:  # noqa: BLE001 - the command's own outcome matters more
+                    log.warning("could not stop the embedded PostgreSQL in %s: %s", server.data_dir, e)
+    except SystemExit as e:
+        if isinstance(e.code, str) and not e.code.startswith("cnai"):
+            raise SystemExit(f"cnai {args.command}: {e.code}")
         raise
+    except Exception as e:
+        from .errors import describe
+        log.debug("cnai %s failed", args.command, exc_info=True)
+        raise SystemExit(f"cnai {args.command}: {describe(e)}")
 
 
 if __name__ == "__main__":

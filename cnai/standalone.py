@@ -50,6 +50,13 @@ class WatchState:
     def __init__(self) -> None:
         self.seen: dict[str, tuple[int, int]] = {}
         self.problems: dict[str, str] = {}
+        self.ignored: set[str] = set()
+
+    def ignore(self, path: str) -> None:
+        """A file that is not an image the decoder reads: logged once (at debug), so a person can find out why."""
+        if path not in self.ignored:
+            self.ignored.add(path)
+            log.debug("ignoring %s: not an image cnai reads (%s)", path, ", ".join(sorted(DECODABLE_SUFFIXES)))
 
     def unchanged(self, path: str, st: os.stat_result, stored_mtime: datetime | None) -> bool:
         stamp = (st.st_size, st.st_mtime_ns)
@@ -77,9 +84,9 @@ def asset_path(path: Path) -> str:
     return os.path.abspath(path)
 
 
-def scan_folder(root: Path) -> tuple[dict[str, os.stat_result], dict[str, str]]:
+def scan_folder(root: Path, ignored: list[str] | None = None) -> tuple[dict[str, os.stat_result], dict[str, str]]:
     """Every image file under `root` with its stat (one per file), following symlinked folders but never round a
-    loop, and what could not be read (path → reason)."""
+    loop, and what could not be read (path → reason); other files are added to `ignored`."""
     found: dict[str, os.stat_result] = {}
     problems: dict[str, str] = {}
     pending = [(str(root), frozenset())]
@@ -103,6 +110,8 @@ def scan_folder(root: Path) -> tuple[dict[str, os.stat_result], dict[str, str]]:
                     pending.append((entry.path, inside))
                 elif entry.is_file() and is_image(Path(entry.name)):
                     found[entry.path] = entry.stat()
+                elif ignored is not None and entry.is_file():
+                    ignored.append(entry.path)
             except FileNotFoundError:
                 continue
             except OSError as e:
@@ -196,7 +205,10 @@ async def sync_folder(conn: asyncpg.Connection, folder: Path, state: WatchState 
     state = state or WatchState()
     owner = await local_user(conn)
     root = folder.resolve()
-    present, problems = await asyncio.get_running_loop().run_in_executor(None, scan_folder, root)
+    ignored: list[str] = []
+    present, problems = await asyncio.get_running_loop().run_in_executor(None, scan_folder, root, ignored)
+    for path in ignored:
+        state.ignore(path)
     for path, problem in problems.items():
         state.report(path, problem)
     known = {}
@@ -256,6 +268,8 @@ async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event, rescan_s: fl
             for raw in sorted({raw for _, raw in changes}):
                 path = Path(raw)
                 if not is_image(path):
+                    if path.is_file():
+                        state.ignore(str(path))
                     continue
                 if os.path.exists(path):
                     await import_file(conn, owner, path, state)

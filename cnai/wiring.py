@@ -70,15 +70,15 @@ def face_packs(settings: Settings) -> list[str]:
     return sorted({settings.face_model, *IMMICH_FACE_MODELS})
 
 
+def task_model_keys(settings: Settings) -> dict[str, list[str]]:
+    """The pool keys of the models each task needs, for every task (requested in CNAI_TASKS or not)."""
+    return {"ocr": ["ocr"],
+            "clip": [f"clip-visual:{settings.clip_model}", f"clip-textual:{settings.clip_model}"],
+            "face": [f"face:{settings.face_model}"]}
+
+
 def preload_keys(settings: Settings) -> list[str]:
-    keys = []
-    if "ocr" in settings.tasks:
-        keys.append("ocr")
-    if "clip" in settings.tasks:
-        keys += [f"clip-visual:{settings.clip_model}", f"clip-textual:{settings.clip_model}"]
-    if "face" in settings.tasks:
-        keys.append(f"face:{settings.face_model}")
-    return keys
+    return [key for task, keys in task_model_keys(settings).items() if task in settings.tasks for key in keys]
 
 
 def build_gateway(pool: ModelPool, settings: Settings, metrics: ServiceMetrics | None = None) -> Gateway:

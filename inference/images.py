@@ -49,7 +49,13 @@ _ACCEPTED_TEXT = ", ".join("WebP" if f == "WEBP" else f for f in ACCEPTED_FORMAT
 
 
 class ImageDecodeError(ValueError):
-    """The bytes are not a usable image. Permanent: retrying will not help."""
+    """The bytes are not a usable image. Permanent: retrying will not help.
+
+    The message starts with a stable reason (the same for every file with this problem, so failures group by
+    it); details that differ per file follow after DETAIL_SEPARATOR."""
+
+
+DETAIL_SEPARATOR = " — "
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -123,11 +129,12 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # reads the header only
     except UnidentifiedImageError as e:
-        raise ImageDecodeError(f"not a readable image ({_ACCEPTED_TEXT} accepted): {e}") from e
+        # Pillow's text names an in-memory buffer by its address: nothing a person can use
+        raise ImageDecodeError(f"not a readable image ({_ACCEPTED_TEXT} accepted)") from e
     except Image.DecompressionBombError as e:
-        raise ImageDecodeError(f"image too large: {e}") from e
+        raise ImageDecodeError(f"image too large{DETAIL_SEPARATOR}{e}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
+        raise ImageDecodeError(f"corrupt or truncated image{DETAIL_SEPARATOR}{e}") from e
     _check_size(*img.size)  # formats whose header declared_size does not read
     if isinstance(img, JpegImageFile) and max(img.size) > DRAFT_ABOVE:
         k = DRAFT_MIN_SIDE / max(img.size)
@@ -135,7 +142,7 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         img.load()  # decode now, so truncated files fail here and not later in a model thread
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"corrupt or truncated image: {e}") from e
+        raise ImageDecodeError(f"corrupt or truncated image{DETAIL_SEPARATOR}{e}") from e
     return img.convert("RGB")
 
 

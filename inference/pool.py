@@ -254,7 +254,7 @@ class ModelPool:
                 lane.loaded = True
                 result[key] = None
             except Exception as e:
-                log.error("could not preload %s: %s", key, e)
+                log.debug("could not preload %s: %s", key, e)  # the caller reports it, once
                 result[key] = e
         return result
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from inference.images import ImageDecodeError, decode_with_digest
+from inference.images import DETAIL_SEPARATOR, ImageDecodeError, decode_with_digest
 from inference.pool import ModelPool, Priority
 from inference.repeated_errors import RepeatedErrorLog
 from inference.runtime import ModelMissingError
@@ -430,17 +430,18 @@ def root_is_missing(root: Path) -> bool:
 
 def _read_image(path: Path, root: Path | None = None):
     """The decoded preview and the digest of its bytes (inference.images.decode_with_digest)."""
+    # a stable reason first, the file after DETAIL_SEPARATOR: `cnai status` groups failures by the reason
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         if root is not None and root_is_missing(root):
             raise StorageUnavailableError(root) from None
-        raise PermanentJobError(f"preview file not found: {path}") from None
+        raise PermanentJobError(f"preview file not found{DETAIL_SEPARATOR}{path}") from None
     except IsADirectoryError:
-        raise PermanentJobError(f"preview path is a directory: {path}") from None
+        raise PermanentJobError(f"preview path is a directory{DETAIL_SEPARATOR}{path}") from None
     except PermissionError:
-        raise PermanentJobError(f"preview file not readable (permission denied): {path}") from None
+        raise PermanentJobError(f"preview file not readable (permission denied){DETAIL_SEPARATOR}{path}") from None
     try:
         return decode_with_digest(data)
     except ImageDecodeError as e:
-        raise PermanentJobError(f"{e} ({path})") from None
+        raise PermanentJobError(f"{e}{DETAIL_SEPARATOR if DETAIL_SEPARATOR not in str(e) else ', '}{path}") from None

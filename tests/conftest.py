@@ -70,6 +70,16 @@ async def db(dsn):
 
 
 @pytest.fixture
+def embedded_home():
+    """A folder for one test's embedded server (in `data`) and its files; the server is destroyed after."""
+    root = Path(tempfile.mkdtemp(prefix="cnai-cli-"))
+    root.chmod(0o755)  # as root, the server's own user must reach the data folder in it
+    yield root
+    EmbeddedServer(root / "data").destroy()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
 def photo_dir():
     path = Path(tempfile.mkdtemp(prefix="cnai-test-photos-"))
     yield path
@@ -141,6 +151,31 @@ async def wait_for(predicate, timeout: float = 60, interval: float = 0.1):
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s")
         await asyncio.sleep(interval)
+
+
+def wait_for_ping(proc: subprocess.Popen, port: int, timeout: float = 120) -> None:
+    """Wait until a started `cnai serve`/`gateway` answers /ping; its output is the error if it exits first."""
+    import urllib.request
+
+    def ping():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                return r.read() == b"pong"
+        except OSError:
+            if proc.poll() is not None:
+                raise AssertionError(proc.stdout.read())
+            return False
+    wait_until(ping, timeout, "the gateway")
+
+
+async def run_cnai(*args: str) -> str:
+    """`cnai ARGS` as a subprocess of this Python; its output (stdout and stderr), which must end with exit 0."""
+    import sys
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cnai", *args, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, out.decode()
+    return out.decode()
 
 
 def wait_until(check, timeout: float, what: str, interval: float = 0.3):

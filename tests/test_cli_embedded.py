@@ -3,30 +3,17 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
-import urllib.request
-from pathlib import Path
 
-import pytest
 
 from cnai.embedded import EmbeddedServer, _free_port
-from tests.conftest import render_text, stop_process, wait_until
+from tests.conftest import render_text, stop_process, wait_for_ping, wait_until
 
 
 def cnai(*args, env, timeout=120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "cnai", *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
-
-
-@pytest.fixture
-def embedded_home():
-    root = Path(tempfile.mkdtemp(prefix="cnai-cli-"))
-    yield root
-    EmbeddedServer(root / "data").destroy()
-    shutil.rmtree(root, ignore_errors=True)
 
 
 def test_serve_watch_search_reprocess(embedded_home):
@@ -39,15 +26,7 @@ def test_serve_watch_search_reprocess(embedded_home):
     serve = subprocess.Popen([sys.executable, "-m", "cnai", "serve", *db, "--watch", str(photos), "--port", str(port)],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        def ping():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    return r.read() == b"pong"
-            except OSError:
-                if serve.poll() is not None:
-                    raise AssertionError(serve.stdout.read())
-                return False
-        wait_until(ping, 120, "the gateway")
+        wait_for_ping(serve, port)
         render_text(["增值税发票", "Invoice 2024"]).save(photos / "receipt.jpg", quality=90)
         render_text(["海边日落"]).save(photos / "sunset.png")
 
@@ -67,8 +46,10 @@ def test_serve_watch_search_reprocess(embedded_home):
         wait_until(lambda: "model file not found" in cnai("status", *db, env=env).stdout, 60, "clip failure")
 
         top = cnai("search", *db, "ocr:发票", "--limit", "1", env=env)
-        assert top.returncode == 0 and len(top.stdout.strip().splitlines()) == 1
-        asset_id = top.stdout.split()[2]
+        header, columns, *rows = top.stdout.strip().splitlines()
+        assert top.returncode == 0 and "1 match(es)" in header and "score" in columns and len(rows) == 1, top
+        rank, score, asset_id, path, _, matched = rows[0].split(maxsplit=5)
+        assert rank == "1" and float(score) > 0 and path.endswith("receipt.jpg") and "[发票]" in matched, rows
         again = cnai("reprocess", *db, asset_id, "--task", "ocr", "--timeout", "60", env=env)
         assert again.returncode == 0 and f"asset {asset_id}" in again.stdout and ": done" in again.stdout, again
 

@@ -3,7 +3,6 @@ follow their jobs, and what the listener's functions (claim, fail, requeue, reap
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from listener.task_names import TASKS
 from tests.conftest import make_asset, make_user
+from tests.conftest import run_cnai as cnai
 
 LEASE = timedelta(seconds=60)
 UPSERT = """INSERT INTO asset_file ("assetId", type, path) SELECT a, t, '/p/' || a || t
@@ -463,14 +463,6 @@ async def test_queue_functions_take_locks_in_immich_order(db, dsn, step):
 
 
 # --- the CLI over it -------------------------------------------------------------------------------------------
-async def cnai(*args: str) -> str:
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cnai", *args, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 0, out.decode()
-    return out.decode()
-
-
 async def test_cli_status_and_retry(db, dsn):
     assets = await bare_assets(db, 3)
     await db.execute(UPSERT, assets[:1], ["preview"])  # three queued (in the intake)

@@ -110,7 +110,7 @@ class Chaos:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.server.start()}/immich"
+        return self.server.dsn()
 
     async def connect(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
