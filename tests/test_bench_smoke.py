@@ -19,11 +19,11 @@ def run_bench(script: str, *args: str) -> str:
 
 
 def test_search_quality_runs_real_ocr_and_both_searches(tmp_path):
-    out = run_bench("search_quality.py", "--photos", "8", "--cache-dir", str(tmp_path))
-    assert "OCR of 8 photos" in out
+    out = run_bench("search_quality.py", "--photos", "6", "--cache-dir", str(tmp_path))
+    assert "OCR of 6 photos" in out
     assert "cnai / immich, all queries" in out and "labelled text lines recovered" in out
     # the second run reads the OCR from the cache
-    assert "OCR of" not in run_bench("search_quality.py", "--photos", "8", "--cache-dir", str(tmp_path))
+    assert "OCR of" not in run_bench("search_quality.py", "--photos", "6", "--cache-dir", str(tmp_path))
 
 
 def test_search_scale_runs_ocr_and_hybrid():
