@@ -1,0 +1,347 @@
+"""Search at scale: `ocr:` and hybrid latency of cnai.search over a large synthetic library, 1 and 8 clients.
+
+    python bench/search_scale.py [--docs 1000000] [--owners 10] [--clients 8] [--seconds 20] [--limit 100]
+
+In a scratch database on the embedded server: --docs photos of --owners users, each with an OCR text drawn from a
+Chinese character-and-word frequency model (Zipf over a frequency-ordered character list and a list of words seen on
+signs and receipts, with digits and Latin words; lengths as in a real library: many photos with no text, most under
+40 characters, a tail of long receipts and screenshots) and a 512-d CLIP vector (clustered, unit length). The texts
+are copied in as text, so cnai.ocr's generated token column computes on the server, as it does for the listener's
+writes; the indexes (cnai.ocr's GIN, cnai.clip's HNSW, the definitions migrate created) are built after the load and
+timed, and their sizes printed.
+
+Then each query class runs through cnai.search(query, embedding, ARRAY[owner], --limit), a page as Immich's search
+asks for it, on connections past their sixth call (so asyncpg's prepared statements use PostgreSQL's generic plan,
+as a long-lived service's do): first one client alone, then --clients at once for --seconds. Prints p50/p95/p99 per
+class and against the targets (ocr: p95 <= 50 ms, hybrid p95 <= 100 ms). A very common character (的, 店) is the
+hard case: it matches a large share of the library, all of which must be ranked.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import random
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]  # bench/queue.py shadows `queue`
+sys.path.insert(0, str(ROOT))
+
+import asyncpg  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cnai.db import migrate  # noqa: E402
+from cnai.embedded import EmbeddedServer  # noqa: E402
+
+# Characters in order of frequency in modern written Chinese (the most common ~500), then shop and sign characters
+CHARS = (
+    "的一是不了人我在有他这为之大来以个中上们到说国和地也子时道出而要于就下得可你年生自会那后能对着事其里所去行过"
+    "家十用发天如然作方成者多日都三小军二无同么经法当起与好看学进种将还分此心前面又定见只主没公从现因开些长把"
+    "但让动已意高工两情文新方本实外当最理问力手全及知部现内起被点正体机想回合电重样间走美向道通做已比位市产业"
+    "关门物次别信提因并由给吃店号路车站价元费街区楼场银行医院药饭面茶酒菜肉鸡鱼米水票单付收款超购东西南北京"
+    "海江湖山广州深圳杭成都武汉安津苏宁重庆华新民人口出入停洗手间厕所禁止吸烟欢迎光临营业时间周末日月星期"
+    "号码电话地址请勿注意安全小心滑免费优惠折扣会员卡积分送买半价特价新品上市热卖推荐招牌套餐外卖打包堂食"
+)
+WORDS = [
+    "欢迎光临", "营业时间", "发票", "增值税", "收银员", "合计", "找零", "现金", "微信支付", "支付宝", "会员卡",
+    "牛肉面", "小笼包", "奶茶", "咖啡", "火锅", "烧烤", "麻辣烫", "米线", "饺子", "包子", "豆浆", "油条", "炒饭",
+    "停车场", "出口", "入口", "洗手间", "电梯", "楼梯", "禁止吸烟", "小心地滑", "注意安全", "请勿触摸",
+    "地铁", "火车站", "机场", "公交", "出租车", "高铁", "售票处", "候车室", "检票口", "站台",
+    "北京", "上海", "广州", "深圳", "南京", "杭州", "成都", "武汉", "西安", "重庆", "人民路", "中山路", "解放路",
+    "银行", "医院", "药店", "超市", "便利店", "书店", "酒店", "宾馆", "饭店", "餐厅", "理发店", "水果店",
+    "优惠", "折扣", "特价", "新品", "热卖", "推荐", "套餐", "外卖", "打包", "第二杯半价", "买一送一", "满减",
+    "订单号", "交易记录", "付款成功", "确认收货", "查看物流", "联系客服", "申请退款", "通知", "公告", "物业",
+]
+LATIN = ["ATM", "WiFi", "KFC", "OPEN", "EXIT", "VIP", "5G", "USB", "iPhone", "Taxi", "Hotel", "Coffee", "B2", "T3"]
+
+# query classes: (class, queries); all are drawn from the model above, so each finds something
+OCR_QUERIES = [
+    ("very common char", ["的", "店"]),
+    ("common char", ["车", "茶"]),
+    ("rare char", ["滑", "宁"]),
+    ("2-char word", ["发票", "奶茶"]),
+    ("3-4 char word", ["牛肉面", "营业时间"]),
+    ("multi-word", ["发票 北京", "奶茶 半价"]),
+    ("Latin/digits", ["ATM", "WiFi 5G"]),
+    ("no match", ["龘"]),
+]
+HYBRID_QUERIES = ["海边日落", "奶茶", "的", "发票"]
+DIM = 512
+
+
+def text_model(rng: np.random.Generator):
+    """Tokens and their probabilities: Zipf over characters and words, some digits and Latin, separators."""
+    chars = list(dict.fromkeys(CHARS))
+    numbers = [str(n) for n in rng.integers(0, 100000, 300)] + [f"¥{n}.00" for n in range(1, 200)]
+    groups = [(chars, 0.50, 1.0), (WORDS, 0.25, 1.0), (LATIN, 0.02, 1.0), (numbers, 0.08, 0.0),
+              ([" ", "\n"], 0.15, 0.0)]
+    tokens, probs = [], []
+    for items, share, exponent in groups:
+        w = 1.0 / np.arange(1, len(items) + 1) ** exponent
+        tokens += items
+        probs.append(share * w / w.sum())
+    return np.array(tokens, dtype=object), np.concatenate(probs)
+
+
+def doc_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Characters of OCR text per photo: 40% none, most of the rest under 40, 5% long receipts and screenshots."""
+    kind = rng.random(n)
+    short = np.minimum(rng.lognormal(2.3, 0.7, n), 40)
+    medium = rng.uniform(40, 200, n)
+    long = rng.uniform(200, 1500, n)
+    return np.where(kind < 0.40, 0, np.where(kind < 0.85, short, np.where(kind < 0.95, medium, long))).astype(int)
+
+
+def make_texts(n: int, rng: np.random.Generator, tokens: np.ndarray, probs: np.ndarray) -> list[str]:
+    lengths = doc_lengths(n, rng)
+    token_len = np.array([len(t) for t in tokens])
+    avg = float((token_len * probs).sum())
+    stream = rng.choice(len(tokens), size=int(lengths.sum() / avg * 1.2) + 100, p=probs)
+    cum = np.cumsum(token_len[stream])
+    ends = np.searchsorted(cum, np.cumsum(lengths), side="left")
+    out, start = [], 0
+    for end, length in zip(ends, lengths):
+        end = int(end) + (1 if length else 0)
+        out.append("".join(tokens[stream[start:end]]).strip() if length else "")
+        start = end
+    return out
+
+
+def encode_vector(v) -> bytes:
+    """pgvector's binary form: dimensions, an unused word, then big-endian float32s."""
+    arr = np.asarray(v, dtype=">f4")
+    return struct.pack(">HH", arr.shape[0], 0) + arr.tobytes()
+
+
+async def vector_codec(conn) -> None:
+    await conn.set_type_codec("vector", schema="public", format="binary", encoder=encode_vector,
+                              decoder=lambda b: np.frombuffer(b[4:], dtype=">f4"))
+
+
+async def load(dsn: str, docs: int, owners: int, seed: int, with_clip: bool, workers: int = 2) -> dict:
+    rng = np.random.default_rng(seed)
+    conn = await asyncpg.connect(dsn)
+    timings: dict[str, float] = {}
+    try:
+        users = [await conn.fetchval("""INSERT INTO "user" (email) VALUES ($1) RETURNING id""", f"u{i}@scale")
+                 for i in range(owners)]
+        t = time.monotonic()
+        await conn.execute(
+            """INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum, "fileCreatedAt")
+               SELECT ($1::uuid[])[1 + g % $3], '/scale/' || g || '.jpg', g || '.jpg', sha256(g::text::bytea),
+                      timestamptz '2015-01-01' + g * interval '5 minutes'
+                 FROM generate_series(1, $2) g""", users, docs, owners)
+        timings["assets"] = time.monotonic() - t
+        ids = [r[0] for r in await conn.fetch("SELECT id FROM asset ORDER BY \"originalPath\"")]
+        # indexes go after the load (faster, and their build time is one of the figures)
+        index_defs = {r["indexname"]: r["indexdef"] for r in await conn.fetch(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'cnai' AND indexname IN ('ocr_tokens', "
+            "'clip_embedding')")}
+        for name in index_defs:
+            await conn.execute(f"DROP INDEX cnai.{name}")
+    finally:
+        await conn.close()
+
+    tokens, probs = text_model(rng)
+    t = time.monotonic()
+    texts = make_texts(docs, rng, tokens, probs)
+    timings["generate texts (client)"] = time.monotonic() - t
+    chunk = 20_000
+
+    async def copy_ocr(part: int) -> None:
+        c = await asyncpg.connect(dsn)
+        try:
+            for lo in range(part * chunk, docs, chunk * workers):
+                rows = [(ids[i], texts[i], "[]", "scale") for i in range(lo, min(lo + chunk, docs))]
+                await c.copy_records_to_table("ocr", schema_name="cnai", records=rows,
+                                              columns=["asset_id", "text", "lines", "model"])
+        finally:
+            await c.close()
+
+    t = time.monotonic()
+    await asyncio.gather(*(copy_ocr(p) for p in range(workers)))
+    timings["copy OCR text (server tokenizes)"] = time.monotonic() - t
+    lengths = np.array([len(x) for x in texts])
+
+    if with_clip:
+        centroids = rng.standard_normal((1000, DIM)).astype(np.float32)
+
+        async def copy_clip(part: int) -> None:
+            c = await asyncpg.connect(dsn)
+            await vector_codec(c)
+            local = np.random.default_rng(seed + 1 + part)
+            try:
+                for lo in range(part * chunk, docs, chunk * workers):
+                    hi = min(lo + chunk, docs)
+                    v = centroids[local.integers(0, len(centroids), hi - lo)] + \
+                        0.7 * local.standard_normal((hi - lo, DIM)).astype(np.float32)
+                    v /= np.linalg.norm(v, axis=1, keepdims=True)
+                    await c.copy_records_to_table("clip", schema_name="cnai", columns=["asset_id", "model",
+                                                                                       "embedding"],
+                                                  records=[(ids[lo + k], "scale", v[k]) for k in range(hi - lo)])
+            finally:
+                await c.close()
+
+        t = time.monotonic()
+        await asyncio.gather(*(copy_clip(p) for p in range(workers)))
+        timings["copy CLIP vectors"] = time.monotonic() - t
+
+    conn = await asyncpg.connect(dsn)
+    sizes = {}
+    try:
+        await conn.execute("SET maintenance_work_mem = '1GB'")
+        await conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
+        for name, ddl in index_defs.items():
+            if name == "clip_embedding" and not with_clip:
+                continue
+            t = time.monotonic()
+            await conn.execute(ddl)
+            timings[f"build index {name}"] = time.monotonic() - t
+            sizes[name] = await conn.fetchval("SELECT pg_relation_size($1::regclass)", f"cnai.{name}")
+        t = time.monotonic()
+        await conn.execute("VACUUM ANALYZE asset")
+        await conn.execute("VACUUM ANALYZE cnai.ocr")
+        if with_clip:
+            await conn.execute("VACUUM ANALYZE cnai.clip")
+        timings["vacuum analyze"] = time.monotonic() - t
+        for table in ("cnai.ocr", "cnai.clip", "asset"):
+            sizes[table] = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
+    finally:
+        await conn.close()
+    return {"users": users, "timings": timings, "sizes": sizes, "lengths": lengths}
+
+
+SEARCH = "SELECT asset_id FROM cnai.search($1, $2::text::vector, ARRAY[$3::uuid], $4)"
+
+
+def percentiles(xs: list[float]) -> tuple[float, float, float]:
+    if len(xs) < 2:
+        return (xs[0],) * 3 if xs else (float("nan"),) * 3
+    q = statistics.quantiles(xs, n=100, method="inclusive")
+    return statistics.median(xs), q[94], q[98]
+
+
+async def measure(dsn: str, users: list, limit: int, clients: int, seconds: float, rounds: int, seed: int,
+                  with_clip: bool) -> tuple[dict, dict, int]:
+    rng = random.Random(seed)
+    vec = np.random.default_rng(seed + 99).standard_normal(DIM)
+    emb = "[" + ",".join(f"{x:.6f}" for x in vec / np.linalg.norm(vec)) + "]"
+    work = [(cls, "ocr:" + q, None) for cls, qs in OCR_QUERIES for q in qs]
+    if with_clip:
+        work += [("hybrid", q, emb) for q in HYBRID_QUERIES]
+    pool = await asyncpg.create_pool(dsn, min_size=clients, max_size=clients)
+    try:
+        async def warm(conn):  # past the sixth call: the generic plan a long-lived connection settles on
+            for _ in range(6):
+                for _cls, q, e in work:
+                    await conn.fetch(SEARCH, q, e, users[0], limit)
+        conns = [await pool.acquire() for _ in range(clients)]
+        await asyncio.gather(*(warm(c) for c in conns))
+        matches = {q: await conns[0].fetchval(
+            "SELECT count(*) FROM cnai.ocr o JOIN asset a ON a.id = o.asset_id "
+            "WHERE a.\"ownerId\" = $2 AND o.tokens @@ cnai.zh_tsquery($1)", q[4:], users[0])
+            for _cls, q, e in work if e is None}
+
+        alone: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for cls, q, e in work:
+                t = time.perf_counter()
+                await conns[0].fetch(SEARCH, q, e, rng.choice(users), limit)
+                alone.setdefault(cls, []).append((time.perf_counter() - t) * 1000)
+
+        together: dict[str, list[float]] = {}
+        done = 0
+        stop = time.monotonic() + seconds
+
+        async def client(conn, k: int):
+            nonlocal done
+            local = random.Random(seed + k)
+            while time.monotonic() < stop:
+                cls, q, e = local.choice(work)
+                t = time.perf_counter()
+                await conn.fetch(SEARCH, q, e, local.choice(users), limit)
+                together.setdefault(cls, []).append((time.perf_counter() - t) * 1000)
+                done += 1
+        await asyncio.gather(*(client(c, k) for k, c in enumerate(conns)))
+        for c in conns:
+            await pool.release(c)
+    finally:
+        await pool.close()
+    return alone, together, done, matches
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:8.1f} MiB"
+
+
+async def run(args, dsn: str) -> None:
+    await migrate(dsn, standalone=True)
+    t = time.monotonic()
+    loaded = await load(dsn, args.docs, args.owners, args.seed, not args.no_clip)
+    lengths = loaded["lengths"]
+    print(f"{args.docs:,} photos of {args.owners} users loaded in {time.monotonic() - t:.0f} s; OCR text lengths: "
+          f"{np.mean(lengths == 0):.0%} none, {np.mean((lengths > 0) & (lengths <= 40)):.0%} 1-40 chars, "
+          f"{np.mean(lengths > 40):.0%} longer (max {lengths.max()}), mean {lengths.mean():.1f}")
+    for step, secs in loaded["timings"].items():
+        print(f"  {step:34s} {secs:8.1f} s")
+    for name, size in loaded["sizes"].items():
+        print(f"  size of {name:26s} {mib(size)}")
+
+    alone, together, done, matches = await measure(dsn, loaded["users"], args.limit, args.clients, args.seconds,
+                                                   args.rounds, args.seed, not args.no_clip)
+    print(f"\ncnai.search, page of {args.limit}, one user of {args.owners} "
+          f"(matches for user 1 in brackets); ms")
+    print(f"{'class':18s} {'1 client: p50':>14s} {'p95':>7s} {'p99':>7s}   "
+          f"{f'{args.clients} clients: p50':>15s} {'p95':>7s} {'p99':>7s}")
+    for cls in list(alone):
+        a, b = percentiles(alone[cls]), percentiles(together.get(cls, []))
+        label = cls + (f" ({', '.join(str(matches[q]) for c, qs in OCR_QUERIES if c == cls for q in ['ocr:' + x for x in qs])})"
+                       if cls != "hybrid" else "")
+        print(f"{label:34s}"[:34] + f" {a[0]:8.1f} {a[1]:7.1f} {a[2]:7.1f}   {b[0]:15.1f} {b[1]:7.1f} {b[2]:7.1f}")
+    print(f"{args.clients} clients: {done / args.seconds:.1f} searches/s over {args.seconds:.0f} s")
+
+    ocr_all = [x for cls, xs in together.items() if cls != "hybrid" for x in xs]
+    checks = [("ocr: p95 (all classes)", percentiles(ocr_all)[1], 50.0)]
+    checks += [(f"ocr: p95 {cls}", percentiles(xs)[1], 50.0) for cls, xs in together.items() if cls != "hybrid"]
+    if "hybrid" in together:
+        checks.append(("hybrid p95", percentiles(together["hybrid"])[1], 100.0))
+    print(f"\ntargets, {args.clients} clients at once:")
+    for name, value, target in checks:
+        print(f"  {name:32s} {value:8.1f} ms  target <= {target:.0f} ms  {value / target:5.2f}x of target  "
+              f"{'met' if value <= target else 'MISSED'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--docs", type=int, default=1_000_000)
+    ap.add_argument("--owners", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=20.0, help="how long the concurrent clients run")
+    ap.add_argument("--rounds", type=int, default=10, help="runs of each query by the lone client")
+    ap.add_argument("--limit", type=int, default=100, help="page size asked of cnai.search (Immich's: 100)")
+    ap.add_argument("--seed", type=int, default=10)
+    ap.add_argument("--no-clip", action="store_true", help="OCR only: no vectors, no hybrid")
+    ap.add_argument("--data-dir", type=Path, help="keep the scratch server here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    for name in ("docs", "owners", "clients", "rounds", "limit"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
+    logging.basicConfig(level=logging.WARNING)
+
+    with tempfile.TemporaryDirectory(prefix="cnai-bench-scale-") as tmp:
+        server = EmbeddedServer(args.data_dir or Path(tmp) / "pg")
+        server.start()
+        try:
+            asyncio.run(run(args, server.dsn()))
+        finally:
+            server.stop() if args.data_dir else server.destroy()
+
+
+if __name__ == "__main__":
+    main()
