@@ -156,3 +156,28 @@ async def test_a_listed_zhparser_that_cannot_load_does_not_stop_the_migration(fr
         assert await conn.fetchval("SELECT cnai.zh_tsvector('发票') @@ cnai.zh_tsquery('发票')")
     finally:
         await conn.close()
+
+
+async def test_upgrade_retokenizes_ocr_rows_written_before_folding(fresh_dsn, sql_copy):
+    """Rows indexed by the tokenizer before it folded Traditional to Simplified keep stale stored tokens until
+    202_retokenize rewrites them: after the upgrade a Simplified query finds a Traditional sign indexed before."""
+    await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('a@test') RETURNING id""")
+        asset = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                                       VALUES ($1, '/p.jpg', 'p.jpg', '\\x01') RETURNING id""", owner)
+        # as the earlier tokenizer indexed it: no folding
+        await conn.execute("""ALTER FUNCTION cnai.zh_fold(text) RENAME TO zh_fold_now;
+                              CREATE FUNCTION cnai.zh_fold(t text) RETURNS text LANGUAGE sql IMMUTABLE
+                                RETURN lower(coalesce(t, ''))""")
+        await conn.execute("INSERT INTO cnai.ocr (asset_id, text, lines, model) VALUES ($1, '統一發票', '[]', 'm')",
+                           asset)
+        await conn.execute("""DROP FUNCTION cnai.zh_fold(text); ALTER FUNCTION cnai.zh_fold_now(text) RENAME TO zh_fold;
+                              DELETE FROM cnai.migration WHERE id = 'results/schema/202_retokenize.sql'""")
+        assert await conn.fetch("SELECT * FROM cnai.search('ocr:发票', NULL, $1)", [owner]) == []
+        assert await migrate(fresh_dsn, standalone=True, sql_root=sql_copy) == ["results/schema/202_retokenize.sql"]
+        assert [r["asset_id"] for r in await conn.fetch("SELECT * FROM cnai.search('ocr:发票', NULL, $1)", [owner])] \
+            == [asset]
+    finally:
+        await conn.close()
