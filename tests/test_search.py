@@ -187,7 +187,7 @@ async def test_ocr_search_uses_the_gin_index(db):
     for table in ("asset", "cnai.ocr"):
         await db.execute(f"VACUUM ANALYZE {table}")  # statistics, and the GIN index's pending list merged
     plans = await plans_of(db, "SELECT * FROM cnai.search('ocr:收据', NULL, $1)", [owner])
-    ocr_plans = [p for p in plans if "o.tokens @@ q.exact" in p]  # the query in cnai.search_ocr
+    ocr_plans = [p for p in plans if "o.tokens @@ tsq" in p]  # the query in cnai.search_ocr
     assert ocr_plans, plans
     assert all("Index Scan on ocr_tokens" in p for p in ocr_plans), ocr_plans
     assert len(await ids(db, "ocr:收据", [owner])) == 50

@@ -56,36 +56,31 @@ DECLARE
   -- would parse it again for every row
   q record := cnai.zh_query(q_text);
   one_group boolean := q.exact = q.phrase;
-  exact_found integer;
+  found_before integer := 0;
+  found_now integer;
+  tsq tsquery := q.exact;
 BEGIN
-  IF q.exact IS NULL THEN
-    RETURN;
-  END IF;
-  RETURN QUERY
-    SELECT o.asset_id, s.score, (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
-      FROM cnai.ocr o
-      JOIN public.asset a ON a.id = o.asset_id
-     CROSS JOIN LATERAL (SELECT cnai.ocr_score(o.text, q.query_chars, one_group OR o.tokens @@ q.phrase, false)
-                                AS score) s
-     WHERE o.tokens @@ q.exact
-       AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                                owner_ids, visibilities, locked_owner)
-     ORDER BY s.score DESC, o.asset_id
-     LIMIT lim;
-  GET DIAGNOSTICS exact_found = ROW_COUNT;
-  IF exact_found >= least(lim, cnai.fuzzy_below()) OR q.fuzzy = q.exact THEN
-    RETURN;
-  END IF;
-  RETURN QUERY
-    SELECT o.asset_id, s.score, exact_found + (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
-      FROM cnai.ocr o
-      JOIN public.asset a ON a.id = o.asset_id
-     CROSS JOIN LATERAL (SELECT cnai.ocr_score(o.text, q.query_chars, false, true) AS score) s
-     WHERE o.tokens @@ q.fuzzy AND NOT o.tokens @@ q.exact
-       AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                                owner_ids, visibilities, locked_owner)
-     ORDER BY s.score DESC, o.asset_id
-     LIMIT lim - exact_found;
+  -- exact matches, then (when they are few) the fuzzy fallback's others, ranked after them
+  FOR fuzzy IN 0..1 LOOP
+    IF fuzzy = 1 THEN
+      EXIT WHEN found_before >= least(lim, cnai.fuzzy_below()) OR q.fuzzy = q.exact;
+      tsq := q.fuzzy;
+    END IF;
+    EXIT WHEN tsq IS NULL;
+    RETURN QUERY
+      SELECT o.asset_id, s.score, found_before + (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
+        FROM cnai.ocr o
+        JOIN public.asset a ON a.id = o.asset_id
+       CROSS JOIN LATERAL (SELECT cnai.ocr_score(o.text, q.query_chars, one_group OR o.tokens @@ q.phrase, fuzzy = 1)
+                                  AS score) s
+       WHERE o.tokens @@ tsq AND (fuzzy = 0 OR NOT o.tokens @@ q.exact)
+         AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                  owner_ids, visibilities, locked_owner)
+       ORDER BY s.score DESC, o.asset_id
+       LIMIT lim - found_before;
+    GET DIAGNOSTICS found_now = ROW_COUNT;
+    found_before := found_before + found_now;
+  END LOOP;
 END $$;
 
 -- clip_model: only embeddings of this model (cnai.clip.model), as a query embedded by one model means nothing
