@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -120,5 +121,63 @@ async def test_search_upgrade_leaves_one_cnai_search(fresh_dsn, sql_copy):
                                        "'cnai'::regnamespace", name) == 1, name
         owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('u@test') RETURNING id""")
         assert await conn.fetch("SELECT * FROM cnai.search('ocr:发票', NULL, $1, 10, 0)", [owner]) == []
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def server_readable_dir():
+    path = Path(tempfile.mkdtemp(prefix="cnai-test-ext-"))
+    path.chmod(0o755)  # the server runs as its own user
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+async def test_a_listed_zhparser_that_cannot_load_does_not_stop_the_migration(fresh_dsn, server_readable_dir):
+    """A zhparser that the server lists but whose library cannot load (built for another server, a missing
+    dependency): the migration goes on with the built-in tokenizer. A stand-in extension pointing at a missing
+    library, found through PostgreSQL 18's extension_control_path."""
+    root = server_readable_dir
+    (root / "extension").mkdir(mode=0o755)
+    (root / "extension" / "zhparser.control").write_text(
+        "default_version = '2.4'\nmodule_pathname = '$libdir/zhparser_missing'\nrelocatable = true\n")
+    (root / "extension" / "zhparser--2.4.sql").write_text(
+        "CREATE FUNCTION zhprs_start(internal, integer) RETURNS internal AS 'MODULE_PATHNAME' LANGUAGE C STRICT;\n")
+    with_zhparser = f"{fresh_dsn}?extension_control_path=$system:{root}"
+    conn = await asyncpg.connect(with_zhparser)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_available_extensions WHERE name = 'zhparser'") == 1
+    finally:
+        await conn.close()
+    await migrate(with_zhparser, standalone=True)
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'zhparser'") == 0
+        assert await conn.fetchval("SELECT cnai.zh_tsvector('发票') @@ cnai.zh_tsquery('发票')")
+    finally:
+        await conn.close()
+
+
+async def test_upgrade_retokenizes_ocr_rows_written_before_folding(fresh_dsn, sql_copy):
+    """Rows indexed by the tokenizer before it folded Traditional to Simplified keep stale stored tokens until
+    202_retokenize rewrites them: after the upgrade a Simplified query finds a Traditional sign indexed before."""
+    await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('a@test') RETURNING id""")
+        asset = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                                       VALUES ($1, '/p.jpg', 'p.jpg', '\\x01') RETURNING id""", owner)
+        # as the earlier tokenizer indexed it: no folding
+        await conn.execute("""ALTER FUNCTION cnai.zh_fold(text) RENAME TO zh_fold_now;
+                              CREATE FUNCTION cnai.zh_fold(t text) RETURNS text LANGUAGE sql IMMUTABLE
+                                RETURN lower(coalesce(t, ''))""")
+        await conn.execute("INSERT INTO cnai.ocr (asset_id, text, lines, model) VALUES ($1, '統一發票', '[]', 'm')",
+                           asset)
+        await conn.execute("""DROP FUNCTION cnai.zh_fold(text); ALTER FUNCTION cnai.zh_fold_now(text) RENAME TO zh_fold;
+                              DELETE FROM cnai.migration WHERE id = 'results/schema/202_retokenize.sql'""")
+        assert await conn.fetch("SELECT * FROM cnai.search('ocr:发票', NULL, $1)", [owner]) == []
+        assert await migrate(fresh_dsn, standalone=True, sql_root=sql_copy) == ["results/schema/202_retokenize.sql"]
+        assert [r["asset_id"] for r in await conn.fetch("SELECT * FROM cnai.search('ocr:发票', NULL, $1)", [owner])] \
+            == [asset]
     finally:
         await conn.close()

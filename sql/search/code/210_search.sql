@@ -27,29 +27,61 @@ RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
      AND (visibility <> 'locked' OR owner_id = locked_owner);
 $$;
 
--- Score of one OCR match: cover density over the positions (phrases close together rank higher), with a
--- bonus when the query occurs verbatim; divided by document length, so a photo whose text is mostly the query
--- (a sign, a label, a document title) beats a long page that mentions it in passing.
-CREATE OR REPLACE FUNCTION cnai.ocr_match_score(doc_tokens tsvector, doc_text text, q tsquery, q_text text)
+-- Score of one OCR match, 0-1 and comparable across queries (the front shows it; hybrid fusion uses ranks):
+--   0.5-1: found as typed. 0.5 + 0.5 x the share of the photo's text (whitespace aside) that the query's words
+--          cover, so a photo whose text is mostly the query (a sign, a label, a title) beats a long page that
+--          mentions it once, and 1 means the text is the query; the share counts half when a multi-word query's
+--          words are not adjacent in the order typed.
+--   below 0.5: found only by the fuzzy fallback (an OCR error allowed): 0.45 x that share.
+-- The query's verbatim occurrence in the text is not scored: it doubled the cost and changed no ranking on the
+-- labelled set, and it made quotes or brackets in a query change a score 500-fold.
+DROP FUNCTION IF EXISTS cnai.ocr_match_score(tsvector, text, tsquery, text);
+CREATE OR REPLACE FUNCTION cnai.ocr_score(doc_text text, query_chars integer, as_typed boolean, fuzzy boolean)
 RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT ts_rank_cd(doc_tokens, q, 2)::float8
-         + CASE WHEN strpos(lower(doc_text), lower(btrim(q_text))) > 0 THEN 1.0 ELSE 0.0 END;
+  SELECT CASE WHEN fuzzy THEN 0.45 * share
+              ELSE 0.5 + 0.5 * share * CASE WHEN as_typed THEN 1.0 ELSE 0.5 END END
+    FROM (SELECT least(1.0, query_chars::float8
+                            / greatest(1, char_length(translate(doc_text, E' \t\r\n\u3000', ''))))) AS s(share);
 $$;
+
+-- Exact matches under this many: the fuzzy fallback adds matches with one OCR error allowed, ranked after them.
+CREATE OR REPLACE FUNCTION cnai.fuzzy_below() RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 5;
 
 CREATE OR REPLACE FUNCTION cnai.search_ocr(q_text text, owner_ids uuid[], lim integer,
                                            visibilities text[] DEFAULT NULL, locked_owner uuid DEFAULT NULL)
-RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE sql STABLE AS $$
-  WITH q AS (SELECT cnai.zh_tsquery(q_text) AS tsq)
-  SELECT o.asset_id, s.score, (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
-    FROM q, cnai.ocr o
-    JOIN public.asset a ON a.id = o.asset_id
-    CROSS JOIN LATERAL (SELECT cnai.ocr_match_score(o.tokens, o.text, q.tsq, q_text) AS score) s
-   WHERE q.tsq IS NOT NULL AND o.tokens @@ q.tsq
-     AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                              owner_ids, visibilities, locked_owner)
-   ORDER BY s.score DESC, o.asset_id
-   LIMIT lim;
-$$;
+RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+  -- parsed once, into variables: inside the query, a prepared statement's generic plan (from its 6th run on)
+  -- would parse it again for every row
+  q record := cnai.zh_query(q_text);
+  one_group boolean := q.exact = q.phrase;
+  found_before integer := 0;
+  found_now integer;
+  tsq tsquery := q.exact;
+BEGIN
+  -- exact matches, then (when they are few) the fuzzy fallback's others, ranked after them
+  FOR fuzzy IN 0..1 LOOP
+    IF fuzzy = 1 THEN
+      EXIT WHEN found_before >= least(lim, cnai.fuzzy_below()) OR q.fuzzy = q.exact;
+      tsq := q.fuzzy;
+    END IF;
+    EXIT WHEN tsq IS NULL;
+    RETURN QUERY
+      SELECT o.asset_id, s.score, found_before + (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
+        FROM cnai.ocr o
+        JOIN public.asset a ON a.id = o.asset_id
+       CROSS JOIN LATERAL (SELECT cnai.ocr_score(o.text, q.query_chars, one_group OR o.tokens @@ q.phrase, fuzzy = 1)
+                                  AS score) s
+       WHERE o.tokens @@ tsq AND (fuzzy = 0 OR NOT o.tokens @@ q.exact)
+         AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                  owner_ids, visibilities, locked_owner)
+       ORDER BY s.score DESC, o.asset_id
+       LIMIT lim - found_before;
+    GET DIAGNOSTICS found_now = ROW_COUNT;
+    found_before := found_before + found_now;
+  END LOOP;
+END $$;
 
 -- clip_model: only embeddings of this model (cnai.clip.model), as a query embedded by one model means nothing
 -- next to another model's vectors.
@@ -147,3 +179,103 @@ $$;
 CREATE OR REPLACE FUNCTION cnai.clip_has_model(clip_model text) RETURNS boolean LANGUAGE sql STABLE AS $$
   SELECT EXISTS (SELECT FROM cnai.clip c WHERE c.model = clip_model);
 $$;
+
+-- The part of an OCR text that a query matched, for showing under a result: about `width` characters around the
+-- first match, each matched stretch between mark_open and mark_close (default «…»), newlines as spaces, "…" where
+-- text was cut. Matching is the search's: folded (Traditional/Simplified, width, case), across spaces that OCR put
+-- inside a word (`«停 车场»`); for a result that only the fuzzy fallback found, the query's 2-character runs that
+-- occur are marked. NULL when nothing of the query occurs. The text is not escaped: a caller that shows it as
+-- HTML escapes it first, or passes marks that cannot occur in OCR text.
+CREATE OR REPLACE FUNCTION cnai.ocr_snippet(doc text, query text, width integer DEFAULT 40,
+                                            mark_open text DEFAULT '«', mark_close text DEFAULT '»')
+RETURNS text LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $$
+DECLARE
+  chars text[] := regexp_split_to_array(coalesce(doc, ''), '');
+  n integer := coalesce(array_length(chars, 1), 0);
+  origin integer[];   -- for each searchable folded character: the index in chars it comes from
+  folded text;        -- the searchable folded characters, separators left out
+  marked boolean[] := array_fill(false, ARRAY[greatest(n, 1)]);
+  needles text[];
+  needle text;
+  at integer;
+  found integer;
+  first_mark integer;
+  last_mark integer;
+  lo integer;
+  hi integer;
+  out text := '';
+BEGIN
+  IF n = 0 THEN
+    RETURN NULL;
+  END IF;
+  width := greatest(coalesce(width, 40), 1);
+  -- fold character by character, so each folded character knows where it came from (NFKC may expand one)
+  SELECT array_agg(i ORDER BY i, j), string_agg(f, '' ORDER BY i, j) INTO origin, folded
+    FROM unnest(chars) WITH ORDINALITY AS c(ch, i),
+         regexp_split_to_table(cnai.zh_fold(ch), '') WITH ORDINALITY AS x(f, j)
+   WHERE f !~ ('[' || cnai.separator_class() || ']');
+  SELECT array_agg(piece ORDER BY ord) INTO needles FROM cnai.query_pieces(regexp_replace(query, '^\s*ocr:', '', 'i'));
+  IF folded IS NULL OR needles IS NULL THEN
+    RETURN NULL;
+  END IF;
+  FOR pass IN 1..2 LOOP
+    FOREACH needle IN ARRAY needles LOOP
+      at := 0;
+      LOOP
+        found := strpos(substr(folded, at + 1), needle);
+        EXIT WHEN found = 0;
+        at := at + found;
+        FOR k IN origin[at]..origin[at + char_length(needle) - 1] LOOP
+          marked[k] := true;
+        END LOOP;
+      END LOOP;
+    END LOOP;
+    EXIT WHEN true = ANY (marked);
+    -- nothing as typed (a fuzzy match): mark the query's 2-character runs that occur
+    SELECT array_agg(substr(piece, i, 2)) INTO needles
+      FROM cnai.query_pieces(regexp_replace(query, '^\s*ocr:', '', 'i')), generate_series(1, char_length(piece) - 1) i
+     WHERE is_cjk;
+    EXIT WHEN needles IS NULL;
+  END LOOP;
+  SELECT min(i), max(i) INTO first_mark, last_mark FROM generate_series(1, n) i WHERE marked[i];
+  IF first_mark IS NULL THEN
+    RETURN NULL;
+  END IF;
+  -- the window: the first matched stretch, then context on both sides
+  last_mark := first_mark;
+  WHILE last_mark < n AND marked[last_mark + 1] LOOP
+    last_mark := last_mark + 1;
+  END LOOP;
+  lo := greatest(1, first_mark - greatest(0, width - (last_mark - first_mark + 1)) / 2);
+  hi := least(n, greatest(last_mark, lo + width - 1));
+  lo := greatest(1, least(lo, hi - width + 1));
+  FOR i IN lo..hi LOOP
+    IF marked[i] AND (i = lo OR NOT marked[i - 1]) THEN
+      out := out || mark_open;
+    END IF;
+    out := out || CASE WHEN chars[i] ~ '[\r\n]' THEN ' ' ELSE chars[i] END;
+    IF marked[i] AND (i = hi OR NOT marked[i + 1]) THEN
+      out := out || mark_close;
+    END IF;
+  END LOOP;
+  RETURN CASE WHEN lo > 1 THEN '…' ELSE '' END || out || CASE WHEN hi < n THEN '…' ELSE '' END;
+END $$;
+
+-- Snippets for search results: cnai.ocr_snippet of each of asset_ids that belongs to one of owner_ids (the same
+-- owners as the cnai.search call; required, as there), for the same query (an 'ocr:' prefix is fine).
+CREATE OR REPLACE FUNCTION cnai.search_snippets(query text, asset_ids uuid[], owner_ids uuid[],
+                                                width integer DEFAULT 40, mark_open text DEFAULT '«',
+                                                mark_close text DEFAULT '»')
+RETURNS TABLE (asset_id uuid, snippet text) LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+BEGIN
+  IF owner_ids IS NULL THEN
+    RAISE EXCEPTION 'cnai.search_snippets: owner_ids is required: the ids of the users whose photos were searched'
+      USING ERRCODE = 'null_value_not_allowed';
+  END IF;
+  RETURN QUERY
+    SELECT o.asset_id, cnai.ocr_snippet(o.text, search_snippets.query, search_snippets.width,
+                                        search_snippets.mark_open, search_snippets.mark_close)
+      FROM cnai.ocr o JOIN public.asset a ON a.id = o.asset_id
+     WHERE o.asset_id = ANY (asset_ids) AND a."ownerId" = ANY (owner_ids) AND a."deletedAt" IS NULL;
+END $$;

@@ -10,6 +10,9 @@ BEGIN
       ALTER TEXT SEARCH CONFIGURATION cnai.zh ADD MAPPING FOR n, v, a, i, e, l WITH simple;
     END IF;
   END IF;
-EXCEPTION WHEN insufficient_privilege THEN
-  RAISE NOTICE 'cnai: zhparser is available but could not be enabled (%); using the built-in CJK tokenizer', SQLERRM;
+-- not only a missing privilege: a listed zhparser whose library cannot load (a build for another server, a missing
+-- dependency) must not stop the migration, as the built-in tokenizer serves without it
+EXCEPTION WHEN OTHERS THEN
+  RAISE NOTICE 'cnai: zhparser is available but could not be enabled (% %); using the built-in CJK tokenizer',
+    SQLSTATE, SQLERRM;
 END $$;
