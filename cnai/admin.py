@@ -48,11 +48,13 @@ async def user_ids(conn: asyncpg.Connection, emails: list[str]) -> list:
 
 async def search(conn: asyncpg.Connection, query: str, embedding: str | None, owner_ids: list | None,
                  limit: int) -> list[asyncpg.Record]:
-    """Best first, with each asset's path and OCR text. owner_ids None: every user's photos (admin)."""
+    """Best first, with each asset's path and the matched part of its OCR text, the match in [brackets]
+    (cnai.ocr_snippet; the text's start for a photo found by CLIP alone). owner_ids None: every user's photos."""
     found = ("cnai.search_all_owners($1, $2::vector, $3, 0)" if owner_ids is None
              else "cnai.search($1, $2::vector, $4, $3, 0)")
     return await conn.fetch(
-        f"""SELECT s.asset_id, s.score, s.ocr_rank, s.clip_rank, a."originalPath" AS path, o.text
+        f"""SELECT s.asset_id, s.score, s.ocr_rank, s.clip_rank, a."originalPath" AS path,
+                   coalesce(cnai.ocr_snippet(o.text, $1, 60, '[', ']'), left(o.text, 60)) AS snippet
               FROM {found} s
               JOIN asset a ON a.id = s.asset_id LEFT JOIN cnai.ocr o ON o.asset_id = s.asset_id
              ORDER BY s.score DESC, s.asset_id""",

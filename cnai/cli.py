@@ -345,11 +345,14 @@ async def cmd_search(args, settings):
     if not rows:
         print("no match", file=sys.stderr)
         return
-    from .matched_text import matched_snippet
     print(f"{len(rows)} match(es) for {args.query!r}, best first:")
     print(f"{'#':>3}  {'score':>7}  {'asset':36}  path  |  matched text ([…] marks the match)")
     for i, r in enumerate(rows, 1):
-        print(f"{i:3d}  {r['score']:7.4f}  {r['asset_id']}  {r['path']}  |  {matched_snippet(r['text'], args.query)}")
+        print(f"{i:3d}  {r['score']:7.4f}  {r['asset_id']}  {r['path']}  |  {_one_line(r['snippet'])}")
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join(text.split()) if text else "(no text)"
 
 
 async def _text_embedding(settings, text: str) -> str | None:

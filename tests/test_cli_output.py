@@ -1,12 +1,12 @@
-"""Output made for people: failure reasons that group, the matched part of a photo's text, files the watcher
-skips or cannot index explained."""
+"""Output made for people: failure reasons that group, files the watcher skips or cannot index explained (the
+matched part of a photo's text is cnai.ocr_snippet's, tested in test_search.py and through `cnai search` in
+test_cli_embedded.py)."""
 from __future__ import annotations
 
 import logging
 
 import pytest
 
-from cnai.matched_text import matched_snippet, query_terms
 from cnai.standalone import sync_folder
 from listener.errors import PermanentJobError
 from listener.worker import _read_image
@@ -50,23 +50,6 @@ async def test_status_groups_failures_by_reason_and_names_the_files(db, dsn, pho
     recent = out.split("recent failures:")[1]
     for path, _ in errors:
         assert str(path) in recent, out  # each file that failed is named, with why
-
-
-def test_query_terms_drop_prefix_quotes_and_brackets():
-    assert query_terms("ocr:发票") == ["发票"]
-    assert query_terms('ocr:"发票"') == ["发票"]
-    assert query_terms("ocr:（发票） 南京") == ["发票", "南京"]
-    assert query_terms("海边 日落") == ["海边", "日落"]
-
-
-def test_snippet_shows_the_match_not_the_start():
-    text = "上海市某某科技有限公司 " * 6 + "增值税专用发票 No.12345 南京市"
-    snippet = matched_snippet(text, "ocr:发票 南京", width=30)
-    assert "[发票]" in snippet and "[南京]" in snippet, snippet
-    assert snippet.startswith("…"), snippet
-    assert matched_snippet("Invoice TOTAL 42", "ocr:invoice") == "[Invoice] TOTAL 42"
-    assert matched_snippet("no such words", "ocr:发票") == "no such words"
-    assert matched_snippet(None, "ocr:发票") == "(no text)"
 
 
 async def test_ignored_files_are_logged_once_at_debug(db, photo_dir, caplog):

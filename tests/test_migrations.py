@@ -6,6 +6,7 @@ import logging
 import shutil
 import tempfile
 import uuid
+from urllib.parse import urlsplit
 from pathlib import Path
 
 import asyncpg
@@ -68,10 +69,11 @@ async def test_triggers_enqueue_for_a_writer_without_privileges_on_cnai(fresh_ds
     try:
         # the writer may do what Immich's role does to its own tables, and nothing on schema cnai
         await admin.execute(f"""
-            CREATE ROLE {role} LOGIN NOSUPERUSER;
+            CREATE ROLE {role} LOGIN NOSUPERUSER PASSWORD 'writer';
             GRANT USAGE ON SCHEMA public TO {role};
             GRANT SELECT, INSERT, UPDATE, DELETE ON public."user", public.asset, public.asset_file TO {role};""")
-        writer = await asyncpg.connect(fresh_dsn.replace("://postgres@", f"://{role}@"))
+        url = urlsplit(fresh_dsn)
+        writer = await asyncpg.connect(url._replace(netloc=f"{role}:writer@{url.hostname}:{url.port}").geturl())
         try:
             assert not await writer.fetchval("SELECT has_schema_privilege('cnai', 'USAGE')")
             owner = await writer.fetchval("""INSERT INTO "user" (email) VALUES ('w@test') RETURNING id""")
