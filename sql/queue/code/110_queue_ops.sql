@@ -21,6 +21,15 @@ DROP FUNCTION IF EXISTS cnai.prune_jobs(interval);
 CREATE OR REPLACE FUNCTION cnai.all_tasks() RETURNS text[] LANGUAGE sql IMMUTABLE
   RETURN ARRAY['clip', 'face', 'ocr'];
 
+-- A task name a caller passed (cnai tasks, cnai backfill): one of cnai.all_tasks(), or a clear error.
+CREATE OR REPLACE FUNCTION cnai.check_task(p_task text) RETURNS void LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  IF p_task IS NULL OR NOT p_task = ANY (cnai.all_tasks()) THEN
+    RAISE EXCEPTION 'unknown task %: the tasks are %', coalesce(p_task, 'NULL'),
+      array_to_string(cnai.all_tasks(), ', ') USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+END $$;
+
 -- The tasks cnai runs in the background (cnai.indexed_task): what an upload, an unhide or restore, Immich's
 -- re-run buttons and a request that names no task make jobs for. A request or backfill naming a task runs it anyway.
 CREATE OR REPLACE FUNCTION cnai.indexed_tasks() RETURNS text[] LANGUAGE sql STABLE
@@ -43,10 +52,7 @@ CREATE OR REPLACE FUNCTION cnai.unindex_task(p_task text) RETURNS bigint LANGUAG
 DECLARE
   n bigint;
 BEGIN
-  IF p_task IS NULL OR NOT p_task = ANY (cnai.all_tasks()) THEN
-    RAISE EXCEPTION 'unknown task %: the tasks are %', coalesce(p_task, 'NULL'),
-      array_to_string(cnai.all_tasks(), ', ') USING ERRCODE = 'invalid_parameter_value';
-  END IF;
+  PERFORM cnai.check_task(p_task);
   DELETE FROM cnai.indexed_task WHERE task = p_task;
   IF NOT FOUND THEN
     RETURN NULL;
