@@ -132,6 +132,7 @@ async def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="cnai-bench-front-") as tmp:
+        Path(tmp).chmod(0o755)  # as root, the server runs as its own user, which must reach the data folder
         server = EmbeddedServer(Path(tmp) / "pg")
         server.start()
         try:

@@ -243,6 +243,7 @@ async def part_two(dsn, db, models_dir, tasks, photos, in_flight, queries):
 
 async def main(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="cnai-bench-pipeline-"))
+    work.chmod(0o755)  # as root, the server runs as its own user, which must reach the data folder
     server = EmbeddedServer(work / "pg")
     try:
         models_dir = work / "models"

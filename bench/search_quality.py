@@ -565,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
     ocr = run_ocr(photos, args.cache_dir, args.seed, args.ocr_threads)
 
     with tempfile.TemporaryDirectory(prefix="cnai-bench-quality-") as tmp:
+        Path(tmp).chmod(0o755)  # as root, the server runs as its own user, which must reach the data folder
         server = EmbeddedServer(Path(tmp) / "pg")
         server.start()
         try:

@@ -335,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="cnai-bench-scale-") as tmp:
+        Path(tmp).chmod(0o755)  # as root, the server runs as its own user, which must reach the data folder
         server = EmbeddedServer(args.data_dir or Path(tmp) / "pg")
         server.start()
         try:

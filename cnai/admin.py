@@ -1,5 +1,5 @@
-"""The administrator's queries: what `cnai reprocess`, `backfill`, `search`, `status`, `retry` and `doctor` ask the
-database. Each takes a connection and returns data; cnai/cli.py parses, calls and prints."""
+"""The administrator's queries: what `cnai reprocess`, `backfill`, `tasks`, `search`, `status`, `retry` and `doctor`
+ask the database. Each takes a connection and returns data; cnai/cli.py parses, calls and prints."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,10 +14,13 @@ REAPPLY_TRIGGERS = "re-apply cnai's triggers: DELETE FROM cnai.migration WHERE i
 
 
 # --- work --------------------------------------------------------------------------------------------------------
-async def request_reprocess(conn: asyncpg.Connection, asset_id: str, tasks: list[str] | None) -> int:
-    """Queue a reprocess request (the trigger checks the asset and the tasks); returns its id."""
-    return await conn.fetchval("INSERT INTO reprocess_request (asset_id, tasks) VALUES ($1::uuid, $2) RETURNING id",
-                               asset_id, tasks)
+async def request_reprocess(conn: asyncpg.Connection, asset_id: str,
+                            tasks: list[str] | None) -> tuple[int, list[str]]:
+    """Queue a reprocess request (the trigger checks the asset and the tasks; None: the indexed tasks); returns its
+    id and the tasks it runs."""
+    row = await conn.fetchrow("INSERT INTO reprocess_request (asset_id, tasks) VALUES ($1::uuid, $2) "
+                              "RETURNING id, tasks", asset_id, tasks)
+    return row["id"], list(row["tasks"])
 
 
 async def request_outcome(conn: asyncpg.Connection, request_id: int) -> tuple[str, str | None]:
@@ -30,6 +33,33 @@ async def backfill(conn: asyncpg.Connection, models: dict[str, str], force: bool
     model name its handler records); every asset with force. Counts per task."""
     return {task: await conn.fetchval("SELECT cnai.queue_missing($1, $2, $3)", task, model, force)
             for task, model in models.items()}
+
+
+@dataclass
+class TaskIndexing:
+    task: str
+    since: object | None  # when it became indexed; None: not indexed
+    queued: int           # its queued jobs (the intake's counted only while indexed)
+
+
+async def indexed_tasks(conn: asyncpg.Connection) -> list[str]:
+    """The tasks uploads and the other background work make jobs for."""
+    return list(await conn.fetchval("SELECT cnai.indexed_tasks()"))
+
+
+async def task_indexing(conn: asyncpg.Connection) -> list[TaskIndexing]:
+    """Every task cnai knows, whether it is indexed (since when), and its queued work."""
+    rows = await conn.fetch(
+        """SELECT t.task, i.since, coalesce(d.queued, 0) AS queued
+             FROM unnest(cnai.all_tasks()) AS t(task)
+             LEFT JOIN cnai.indexed_task i USING (task) LEFT JOIN cnai.queue_depth() d USING (task)
+            ORDER BY t.task""")
+    return [TaskIndexing(r["task"], r["since"], r["queued"]) for r in rows]
+
+
+async def unindex_task(conn: asyncpg.Connection, task: str) -> int | None:
+    """Stop indexing `task` and drop its queued background jobs; how many went (None: it was not indexed)."""
+    return await conn.fetchval("SELECT cnai.unindex_task($1)", task)
 
 
 async def retry_failed(conn: asyncpg.Connection, tasks: list[str] | None) -> int:

@@ -290,8 +290,8 @@ async def cmd_reprocess(args, settings):
     dsn = await _prepare(args, settings)
     conn = await asyncpg.connect(dsn)
     try:
-        req_id = await admin.request_reprocess(conn, args.asset_id, args.task or None)
-        print(f"request {req_id} queued for asset {args.asset_id} ({', '.join(args.task or TASKS)})", flush=True)
+        req_id, tasks = await admin.request_reprocess(conn, args.asset_id, args.task or None)
+        print(f"request {req_id} queued for asset {args.asset_id} ({', '.join(tasks)})", flush=True)
         if args.no_wait:
             return
         deadline = time.monotonic() + args.timeout
@@ -318,7 +318,9 @@ async def cmd_backfill(args, settings):
     models_of = task_models(settings)
     conn = await asyncpg.connect(dsn)
     try:
-        models = {task: models_of[task] for task in args.task or TASKS}
+        models = {task: models_of[task] for task in args.task or await admin.indexed_tasks(conn)}
+        if not models:
+            raise SystemExit("no task is indexed (`cnai tasks`): name the tasks to queue with --task")
         for task, n in (await admin.backfill(conn, models, args.force)).items():
             print(f"{task}: queued {n}")
     finally:
@@ -413,6 +415,29 @@ async def cmd_status(args, settings):
         print("recent failures:")
         for task, asset_id, attempts, error, path in st.recent_failures:
             print(f"  {task:5s} {path or asset_id}  after {attempts} attempt(s): {error}")
+
+
+async def cmd_tasks(args, settings):
+    import asyncpg
+
+    from . import admin
+    dsn = await _prepare(args, settings)
+    conn = await asyncpg.connect(dsn)
+    try:
+        if args.drop:
+            dropped = await admin.unindex_task(conn, args.drop)
+            if dropped is None:
+                print(f"{args.drop} was not indexed; nothing changed")
+            else:
+                print(f"{args.drop} is no longer indexed: new photos get no {args.drop} jobs; dropped {dropped} "
+                      f"queued background job(s) (ones a person asked for still run). A listener started with "
+                      f"{args.drop} in CNAI_TASKS indexes it again.")
+        for t in await admin.task_indexing(conn):
+            state = (f"indexed since {t.since:%Y-%m-%d %H:%M}" if t.since is not None else
+                     f"not indexed (a listener with {t.task} in CNAI_TASKS adds it)")
+            print(f"  {t.task:5s} {state}; {t.queued} queued")
+    finally:
+        await conn.close()
 
 
 async def cmd_retry(args, settings):
@@ -581,14 +606,19 @@ def build_parser() -> argparse.ArgumentParser:
     s = command("reprocess", "re-run tasks for one asset and wait for the outcome", cmd_reprocess)
     add_db_args(s)
     s.add_argument("asset_id", type=asset_id, help="the Immich asset's id (a UUID)")
-    s.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all tasks)")
+    s.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: the indexed tasks)")
     s.add_argument("--no-wait", action="store_true", help="queue the request and return at once")
     s.add_argument("--timeout", type=positive_float, default=300, help="seconds to wait for the outcome")
 
     s = command("backfill", "queue work for every asset with a preview that lacks results", cmd_backfill)
     add_db_args(s)
-    s.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all tasks)")
+    s.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: the indexed tasks)")
     s.add_argument("--force", action="store_true", help="queue all assets, even those with results")
+
+    s = command("tasks", "which tasks uploads and Immich's re-runs make jobs for (the indexed tasks)", cmd_tasks)
+    add_db_args(s)
+    s.add_argument("--drop", choices=TASKS, default=None,
+                   help="stop indexing this task and drop its queued background jobs (default: change nothing)")
 
     s = command("search", "search like Immich would: 'ocr:发票' or free text", cmd_search)
     add_db_args(s)

@@ -10,7 +10,7 @@ from yarl import URL
 from gateway.immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_DEFAULT_FACE
 from gateway.protocol import clean_name
 from inference import defaults
-from listener.task_names import TASKS
+from listener.task_names import DEFAULT_TASKS, TASKS
 from models.catalogue import DEFAULT_MIRROR
 
 
@@ -101,7 +101,7 @@ class Settings:
     front_timeout_s: float = field(default_factory=lambda: _float("CNAI_FRONT_TIMEOUT_S", 10.0))
     # listener
     tasks: list[str] = field(default_factory=lambda: [
-        t.strip() for t in _env("CNAI_TASKS", ",".join(TASKS)).split(",") if t.strip()])
+        t.strip() for t in _env("CNAI_TASKS", ",".join(DEFAULT_TASKS)).split(",") if t.strip()])
     batch_size: int = field(default_factory=lambda: _int("CNAI_BATCH_SIZE", 16))
     concurrency: int = field(default_factory=lambda: _int("CNAI_CONCURRENCY", 2))
     poll_interval_s: float = field(default_factory=lambda: _float("CNAI_POLL_INTERVAL_S", 2.0))

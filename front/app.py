@@ -7,8 +7,8 @@ SearchResponseDto. Everything else goes to Immich unchanged. Errors become respo
 
 The front door also acts on two of Immich's reprocess buttons that write nothing cnai's triggers could see (see
 tests/fixtures/immich/README.md): once Immich has answered them with a 2xx, "Regenerate thumbnail" files a
-reprocess request per asset, and "Jobs → Generate Thumbnails → All" queues every task for every asset. Nothing cnai
-does there changes Immich's answer to the client.
+reprocess request per asset, and "Jobs → Generate Thumbnails → All" queues every indexed task for every asset.
+Nothing cnai does there changes Immich's answer to the client.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """The front's only uses of cnai's database: `cnai.search` with the owners Immich named, whether cnai.clip holds the
 CLIP model the front would embed a query with, and — for the front door's reprocess buttons — reprocess requests for
-the assets Immich just let the caller regenerate, or every asset queued after an administrator's "Generate
-Thumbnails → All". Bounded by a timeout everywhere, so a database that is down makes a quick 503 (or a logged
-warning), never a hang."""
+the assets Immich just let the caller regenerate, or every asset queued for the indexed tasks after an
+administrator's "Generate Thumbnails → All". Bounded by a timeout everywhere, so a database that is down makes a
+quick 503 (or a logged warning), never a hang."""
 from __future__ import annotations
 
 import asyncio
@@ -16,10 +16,12 @@ CLIP_MODEL_CHECK_EVERY_S = 60.0
 
 SEARCH = """SELECT asset_id FROM cnai.search($1, $2::vector, $3::uuid[], $4, $5, visibilities => $6::text[],
                                             locked_owner => $7::uuid, clip_model => $8)"""
-# every task (tasks NULL), ahead of background work; the check trigger refuses hidden, trashed and unknown assets
+# the indexed tasks (tasks NULL), ahead of background work; the check trigger refuses hidden, trashed and unknown assets
 REPROCESS_EACH = "INSERT INTO reprocess_request (asset_id) SELECT unnest($1::uuid[])"
 REPROCESS_ONE = "INSERT INTO reprocess_request (asset_id) VALUES ($1::uuid)"
 QUEUE_EVERY_ASSET = "SELECT cnai.queue_missing($1, $2, true)"
+# a library-wide run is background work: the tasks cnai indexes, not every task it could run
+INDEXED_TASKS = "SELECT cnai.indexed_tasks()"
 # one task over a whole library (hundreds of thousands of rows) takes far longer than a search may
 QUEUE_EVERY_ASSET_TIMEOUT_S = 600.0
 
@@ -82,8 +84,8 @@ class FrontDatabase:
         return bool(found)
 
     async def file_reprocess_requests(self, asset_ids: list[str]) -> list[str]:
-        """A reprocess request for every task of each asset, all in one statement; where the check trigger refuses
-        one (hidden, trashed, unknown), one statement per asset, so the others still go in. Returns why each refused
+        """A reprocess request for the indexed tasks of each asset, all in one statement; where the check trigger
+        refuses one (hidden, trashed, unknown), one statement per asset, so the others still go in. Returns why each refused
         asset was refused. Written only for assets Immich has just let the caller regenerate: Immich did the access
         check, cnai reads nothing of theirs."""
         async def work(conn):
@@ -102,11 +104,12 @@ class FrontDatabase:
         return await self._run("file reprocess requests", work)
 
     async def queue_every_asset(self, task_models: dict[str, str]) -> dict[str, int]:
-        """Every task for every asset cnai works on, in the background (priority 1), as `cnai backfill --force`
-        does; `task_models`: task -> the model name its handler records. How many jobs each task added."""
+        """Every indexed task for every asset cnai works on, in the background (priority 1), as `cnai backfill
+        --force` does; `task_models`: task -> the model name its handler records. How many jobs each task added."""
         async def work(conn):
+            indexed = set(await conn.fetchval(INDEXED_TASKS))
             return {task: await conn.fetchval(QUEUE_EVERY_ASSET, task, model, timeout=QUEUE_EVERY_ASSET_TIMEOUT_S)
-                    for task, model in task_models.items()}
+                    for task, model in task_models.items() if task in indexed}
         return await self._run("queue every asset", work)
 
     async def close(self) -> None:

@@ -30,6 +30,11 @@ class JobQueue:
     max_attempts: int
     backoff_base_s: float
 
+    async def index_tasks(self, conn: asyncpg.Connection, tasks: list[str]) -> list[str]:
+        """From now on uploads (and the rest of the background work) make jobs for these tasks too; returns the
+        ones that were not indexed before. Idempotent."""
+        return list(await conn.fetchval("SELECT cnai.index_tasks($1)", tasks))
+
     async def claim(self, conn: asyncpg.Connection, tasks: list[str], limit: int) -> list[Claimed]:
         rows = await conn.fetch("SELECT * FROM cnai.claim_jobs($1, $2, $3, $4, $5)", self.worker, limit, tasks,
                                 timedelta(seconds=self.lease_s), self.max_attempts)

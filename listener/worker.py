@@ -107,6 +107,7 @@ class Listener:
     async def run(self) -> None:
         log.info("listener %s starting (tasks %s)", self.worker, ",".join(self.config.tasks))
         self.db = await self._connect_pool()
+        await self._index_tasks()
         aux = [asyncio.create_task(self._listen_forever(), name="listen"),
                asyncio.create_task(self._maintain_forever(), name="maintain"),
                asyncio.create_task(self._renew_forever(), name="renew")]
@@ -146,6 +147,27 @@ class Listener:
                 log.warning("database not reachable (%s); retrying in %.1f s", e, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5)
+
+    async def _index_tasks(self) -> None:
+        """Background work (uploads, Immich's re-runs) makes jobs for the tasks some listener serves: add ours, once
+        at start (before the first claim: the intake it takes then makes their jobs). Nothing takes a task out again
+        but `cnai tasks --drop`."""
+        delay = 0.5
+        while True:
+            try:
+                async with self.db.acquire() as conn:
+                    added = await self.queue.index_tasks(conn, list(self.config.tasks))
+                break
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError) as e:
+                if self.stopping.is_set():
+                    return
+                log.warning("could not add tasks %s to cnai.indexed_task (%s); retrying in %.1f s",
+                            ",".join(self.config.tasks), e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5)
+        for task in added:
+            log.info("task %s is indexed from now on: new photos get %s jobs; `cnai backfill --task %s` queues the "
+                     "photos already there", task, task, task)
 
     # --- LISTEN: a dedicated connection that never sits in a transaction ---------------------------------------
     async def _listen_forever(self) -> None:

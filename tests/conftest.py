@@ -65,8 +65,17 @@ def dsn(pg_server) -> str:
 async def db(dsn):
     conn = await asyncpg.connect(dsn)
     await conn.execute('TRUNCATE "user", asset, reprocess_request, cnai.job, cnai.job_intake CASCADE')
+    await reset_indexed_tasks(conn)
     yield conn
     await conn.close()
+
+
+async def reset_indexed_tasks(conn) -> None:
+    """The tasks a new database indexes (sql/queue/schema/103_indexed_tasks.sql): a listener with face, started by
+    an earlier test of this session, added face."""
+    from listener.task_names import DEFAULT_TASKS
+    await conn.execute("DELETE FROM cnai.indexed_task")
+    await conn.execute("INSERT INTO cnai.indexed_task (task) SELECT unnest($1::text[])", list(DEFAULT_TASKS))
 
 
 @pytest.fixture

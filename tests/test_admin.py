@@ -12,7 +12,7 @@ import pytest_asyncio
 from cnai import admin
 from cnai.db import migrate
 from cnai.settings import Settings
-from listener.task_names import TASKS
+from listener.task_names import DEFAULT_TASKS, TASKS
 from tests.conftest import make_asset, make_user
 
 
@@ -51,8 +51,12 @@ async def test_python_and_sql_name_the_same_tasks(db, monkeypatch):
     check = await db.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
                               "WHERE conrelid = 'cnai.job'::regclass AND conname = 'job_task_check'")
     assert all(f"'{t}'" in check for t in TASKS)
+    check = await db.fetchval("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                              "WHERE conrelid = 'cnai.indexed_task'::regclass AND contype = 'c'")
+    assert all(f"'{t}'" in check for t in TASKS)
     monkeypatch.delenv("CNAI_TASKS", raising=False)
-    assert Settings().tasks == list(TASKS)
+    # a listener's default leaves face out: cnai.face is read by nothing
+    assert Settings().tasks == list(DEFAULT_TASKS) == ["clip", "ocr"]
 
 
 async def test_search_without_users_is_every_users_and_with_users_only_theirs(db):

@@ -1,7 +1,7 @@
 """The front door acts on the two Immich buttons that write nothing cnai's triggers can see: once Immich answers
-"Regenerate thumbnail" (`POST /api/assets/jobs`) with a 2xx, each asset gets a reprocess request (every task, ahead
-of background work); once it answers "Jobs → Generate Thumbnails → All" (`PUT /api/jobs/thumbnailGeneration`,
-force), every task is queued for every asset in the background. Immich here is the recorded stand-in; cnai's
+"Regenerate thumbnail" (`POST /api/assets/jobs`) with a 2xx, each asset gets a reprocess request (the indexed tasks,
+ahead of background work); once it answers "Jobs → Generate Thumbnails → All" (`PUT /api/jobs/thumbnailGeneration`,
+force), every indexed task is queued for every asset in the background. Immich here is the recorded stand-in; cnai's
 database is the real test database."""
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import socket
 
 import pytest_asyncio
 
-from listener.task_names import TASKS
+from listener.task_names import DEFAULT_TASKS
 from tests.conftest import wait_for
 from tests.front_scene import ASSETS, creds, front_client, front_settings, running_standin, seed_scene
 from tests.test_front_door import pool  # noqa: F401  (fixture)
 
 REGENERATE = "regenerate-thumbnail"
+INDEXED = DEFAULT_TASKS  # what a new database indexes: clip and ocr, not face (cnai.indexed_task)
 
 
 @pytest_asyncio.fixture
@@ -59,13 +60,13 @@ async def with_previews(db) -> None:
     await db.execute("DELETE FROM cnai.job_intake")
 
 
-async def test_regenerate_thumbnail_queues_every_task_for_each_asset_first(door, db):
+async def test_regenerate_thumbnail_queues_the_indexed_tasks_for_each_asset_first(door, db):
     client, standin = door
     r = await asset_job(client, "alice", REGENERATE, "alice-invoice", "alice-beijing")
     assert r.status == 204
-    assert await requests_of(db) == {"alice-invoice": ("pending", sorted(TASKS)),
-                                     "alice-beijing": ("pending", sorted(TASKS))}
-    assert await jobs_of(db) == {(a, t, 0) for a in ("alice-invoice", "alice-beijing") for t in TASKS}
+    assert await requests_of(db) == {"alice-invoice": ("pending", sorted(INDEXED)),
+                                     "alice-beijing": ("pending", sorted(INDEXED))}
+    assert await jobs_of(db) == {(a, t, 0) for a in ("alice-invoice", "alice-beijing") for t in INDEXED}
     assert [(r.method, r.path_qs) for r in standin.received] == [("POST", "/api/assets/jobs")]  # passed on as is
 
     # the other asset jobs: cnai's triggers see what Immich writes for them, the door adds nothing
@@ -81,7 +82,7 @@ async def test_what_immich_refuses_queues_nothing(door, db):
     assert await requests_of(db) == {} and await jobs_of(db) == set()
     r = await asset_job(client, "dave", REGENERATE, "dave-invoice")  # the same, by its owner
     assert r.status == 204
-    assert await requests_of(db) == {"dave-invoice": ("pending", sorted(TASKS))}
+    assert await requests_of(db) == {"dave-invoice": ("pending", sorted(INDEXED))}
 
 
 async def test_a_hidden_or_trashed_asset_does_not_drop_the_others(door, db, caplog):
@@ -90,14 +91,14 @@ async def test_a_hidden_or_trashed_asset_does_not_drop_the_others(door, db, capl
     caplog.set_level(logging.INFO, logger="front.app")
     r = await asset_job(client, "alice", REGENERATE, "alice-receipt", "alice-invoice", "alice-trashed")
     assert r.status == 204  # Immich's answer: the owner may regenerate them
-    assert await requests_of(db) == {"alice-invoice": ("pending", sorted(TASKS))}
-    assert await jobs_of(db) == {("alice-invoice", t, 0) for t in TASKS}
+    assert await requests_of(db) == {"alice-invoice": ("pending", sorted(INDEXED))}
+    assert await jobs_of(db) == {("alice-invoice", t, 0) for t in INDEXED}
     said = [rec.getMessage() for rec in caplog.records if "Regenerate thumbnail" in rec.getMessage()]
     assert len(said) == 1 and "queued 1 of 3" in said[0]
     assert "hidden" in said[0] and "trash" in said[0]
 
 
-async def test_generate_thumbnails_all_queues_every_task_for_every_asset_in_the_background(door, db):
+async def test_generate_thumbnails_all_queues_every_indexed_task_for_every_asset_in_the_background(door, db):
     client, _ = door
     await with_previews(db)
     r = await thumbnail_job(client, force=False)  # "Missing": Immich's new preview rows queue what they need
@@ -108,10 +109,19 @@ async def test_generate_thumbnails_all_queues_every_task_for_every_asset_in_the_
     assert r.status == 200 and (await r.json())["queueStatus"] == {"isPaused": False, "isActive": False}
     worked_on = [name for name in ASSETS if name != "alice-trashed"]  # hidden and trashed assets are skipped
 
-    async def all_queued():
-        return await jobs_of(db) == {(a, t, 1) for a in worked_on for t in TASKS}
+    async def all_queued(tasks=INDEXED):
+        return await jobs_of(db) == {(a, t, 1) for a in worked_on for t in tasks}
     await wait_for(all_queued, timeout=30)
     assert await requests_of(db) == {}
+
+    # once a listener with face has started, faces are indexed, and the button queues them too
+    await db.execute("SELECT cnai.index_tasks('{face}')")
+
+    async def pressed_and_faces_queued():
+        # a press while the last one is still queueing is skipped (logged): press until one runs
+        assert (await thumbnail_job(client, force=True)).status == 200
+        return await all_queued(("clip", "face", "ocr"))
+    await wait_for(pressed_and_faces_queued, timeout=30, interval=0.3)
 
 
 async def test_cnai_database_down_leaves_immichs_answer(db, pool, tmp_path, caplog):  # noqa: F811

@@ -154,6 +154,13 @@ def each(assets, *tasks) -> set[tuple]:
     return {(a, t) for a in assets for t in tasks}
 
 
+@pytest.fixture(autouse=True)
+async def faces_indexed(db):
+    """These replay an install that indexes faces (a listener with face in CNAI_TASKS started once), so that every
+    button has a cnai task to re-run; test_face_buttons_queue_nothing_where_faces_are_not_indexed drops it again."""
+    await db.execute("SELECT cnai.index_tasks('{face}')")
+
+
 @pytest.fixture
 def warnings(db):
     """WARNINGs the server sends this connection (the triggers' way to report what they could not do)."""
@@ -290,7 +297,7 @@ BUTTONS = {
     "Jobs: Smart Search Missing (one missing)": (press_smart_search_missing_one, (), ()),
     "Jobs: OCR Missing (one missing)": (press_ocr_missing_one, (), ()),
     "Jobs: Face Detection Missing (one missing)": (press_faces_missing_one, (), ()),
-    # a new preview row: the preview trigger queues every task, as for an upload (120_triggers.sql)
+    # a new preview row: the preview trigger queues every indexed task, as for an upload (120_triggers.sql)
     "Jobs: Generate Thumbnails Missing (one missing)": (press_thumbnails_missing_one, (1,), ("clip", "face", "ocr")),
 }
 
@@ -337,6 +344,28 @@ async def test_a_button_joins_work_cnai_has_queued_or_running(db):
     # a person asking for one of them lifts it ahead of the background work
     await db.execute("INSERT INTO reprocess_request (asset_id, tasks) VALUES ($1, '{face}')", idle)
     assert await db.fetchval("SELECT priority FROM cnai.job WHERE asset_id = $1 AND state = 'queued'", idle) == 0
+
+
+async def test_face_buttons_queue_nothing_where_faces_are_not_indexed(db, warnings):
+    """cnai.face is read by nothing: where no listener indexes faces (the default), neither the upload flow nor
+    Immich's face buttons make face jobs; its other buttons still re-run their tasks."""
+    assert await db.fetchval("SELECT cnai.unindex_task('face')") == 0
+    immich, assets = await library(db)
+    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE task = 'face'") == 0  # the upload flow
+    for action in ("Asset menu: Refresh faces", "Jobs: Face Detection Reset (All)", "Jobs: Face Detection Refresh",
+                   "Jobs: Generate Thumbnails Missing (one missing)", "Jobs: OCR All"):
+        press, which, tasks = BUTTONS[action]
+        since = await last_job_id(db)
+        await press(immich, assets)
+        assert await queued_since(db, since) == each([assets[i] for i in which], *(t for t in tasks if t != "face"))
+        await cnai_catches_up(db)
+    # Immich ran face detection on an asset it had not before (the "Missing" flow, an upload): nothing either
+    await db.execute("DELETE FROM cnai.task_run WHERE asset_id = $1 AND task = 'face'", assets[1])
+    since = await last_job_id(db)
+    await press_faces_missing_one(immich, assets)
+    assert await queued_since(db, since) == set()
+    assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE task = 'face'") == 0
+    assert warnings == []
 
 
 # --- what must not re-run --------------------------------------------------------------------------------------------

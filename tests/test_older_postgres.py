@@ -51,23 +51,25 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
                                  type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
                                  UNIQUE ("assetId", type, "isEdited"));""")
     root = Path(__file__).resolve().parent.parent / "sql"
-    for name in ("queue/schema/100_queue_tables.sql", "queue/code/110_queue_ops.sql", "triggers/code/120_triggers.sql",
+    for name in ("queue/schema/100_queue_tables.sql", "queue/schema/103_indexed_tasks.sql",
+                 "queue/code/110_queue_ops.sql", "triggers/code/120_triggers.sql",
                  "zhparser/code/009_traditional_simplified.sql", "zhparser/code/010_cjk_tokens.sql"):
         await old_conn.execute((root / name).read_text())
     asset = await old_conn.fetchval("INSERT INTO asset DEFAULT VALUES RETURNING id")
     await old_conn.execute("""INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', '/p.jpg')""", asset)
-    assert await old_conn.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") == 3
+    assert await old_conn.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") == 2  # the indexed clip and ocr
     jobs = await old_conn.fetch("SELECT * FROM cnai.claim_jobs('w', 10, '{clip,ocr,face}', '1 minute')")
-    assert len(jobs) == 3
+    assert len(jobs) == 2
     await old_conn.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
-    assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'done'") == 3
+    assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'done'") == 2
     # the asset trigger, on an older server too: hiding an asset drops its queued work
     await old_conn.execute("INSERT INTO reprocess_request (asset_id) VALUES ($1)", asset)
     await old_conn.execute("UPDATE asset SET visibility = 'hidden' WHERE id = $1", asset)
     assert await old_conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'queued'") == 0
 
     # the triggers that follow Immich's own reprocess buttons: an Immich without their tables migrates all the
-    # same; once it has asset_job_status, a face re-run in Immich queues cnai's face task (on 15 too)
+    # same; once it has asset_job_status, a face re-run in Immich queues cnai's face task where faces are indexed
+    # (a listener with face started), on 15 too
     await old_conn.execute("DROP TABLE IF EXISTS asset_job_status, smart_search")
     for name in ("triggers/schema/131_immich_wipe.sql", "triggers/code/130_immich_reruns.sql"):
         await old_conn.execute((root / name).read_text())
@@ -77,6 +79,7 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
     await old_conn.execute("""CREATE TABLE asset_job_status ("assetId" uuid PRIMARY KEY REFERENCES asset(id),
                                 "facesRecognizedAt" timestamptz, "ocrAt" timestamptz)""")
     await old_conn.execute((root / "triggers/code/130_immich_reruns.sql").read_text())
+    assert await old_conn.fetchval("SELECT cnai.index_tasks('{face}')") == ["face"]
     shown = await old_conn.fetchval("INSERT INTO asset DEFAULT VALUES RETURNING id")
     await old_conn.execute("INSERT INTO cnai.task_run (asset_id, task, model) VALUES ($1, 'face', 'm')", shown)
     for _ in range(2):  # Immich's upsert: the first run (cnai ran it: nothing), then a re-run

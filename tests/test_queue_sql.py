@@ -63,17 +63,17 @@ async def until(predicate, timeout: float = 10) -> None:
 
 
 # --- what the asset_file trigger enqueues ----------------------------------------------------------------------
-async def test_preview_insert_enqueues_every_task(db):
+async def test_preview_insert_enqueues_every_indexed_task(db):
     owner = await make_user(db)
     asset = await make_asset(db, owner, Path("/photos/a.jpg"))
     # Immich's statement only appended one narrow intake row; cnai.queue_depth() already counts it
     assert await db.fetchval("SELECT count(*) FROM cnai.job_intake WHERE asset_id = $1", asset) == 1
     assert await db.fetchval("SELECT count(*) FROM cnai.job WHERE asset_id = $1", asset) == 0
     depth = {r["task"]: r["queued"] for r in await db.fetch("SELECT * FROM cnai.queue_depth()")}
-    assert depth == {"clip": 1, "face": 1, "ocr": 1}
-    # a listener turns it into one queued job per task before claiming
+    assert depth == {"clip": 1, "face": 0, "ocr": 1}  # a new database indexes no faces (cnai.indexed_task)
+    # a listener turns it into one queued job per indexed task before claiming
     assert await db.fetchval("SELECT cnai.take_intake()") == 1
-    assert await queued(db, asset) == [("clip", "queued"), ("face", "queued"), ("ocr", "queued")]
+    assert await queued(db, asset) == [("clip", "queued"), ("ocr", "queued")]
     assert await db.fetchval("SELECT count(*) FROM cnai.job_intake") == 0
 
 
@@ -87,12 +87,11 @@ async def test_upsert_with_unchanged_path_enqueues_again(db):
     [asset] = await bare_assets(db, 1)
     await db.execute(UPSERT, [asset], ["preview", "thumbnail"])
     jobs = await claim(db)
-    assert len(jobs) == 3
+    assert len(jobs) == 2
     await db.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
-    assert await queued(db, asset) == [("clip", "done"), ("face", "done"), ("ocr", "done")]
+    assert await queued(db, asset) == [("clip", "done"), ("ocr", "done")]
     await db.execute(UPSERT, [asset], ["preview", "thumbnail"])  # conflict -> DO UPDATE, same path
-    assert [s for s in await queued(db, asset) if s[1] == "queued"] == [("clip", "queued"), ("face", "queued"),
-                                                                       ("ocr", "queued")]
+    assert [s for s in await queued(db, asset) if s[1] == "queued"] == [("clip", "queued"), ("ocr", "queued")]
 
 
 async def test_one_notify_per_statement(db, dsn):
@@ -108,7 +107,7 @@ async def test_one_notify_per_statement(db, dsn):
             await db.execute(UPSERT, [a], ["preview", "thumbnail"])
         await asyncio.sleep(0.3)
         assert len(got) == 4
-        assert await db.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") == 53 * 3
+        assert await db.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") == 53 * 2  # clip and ocr
     finally:
         await listener.close()
 
@@ -121,11 +120,11 @@ async def test_duplicate_requests_coalesce(db):
     r2 = await request(db, asset, ["ocr", "ocr"])
     await db.execute("SELECT cnai.take_intake()")
     rows = await db.fetch("SELECT task, state, priority FROM cnai.job WHERE asset_id = $1 ORDER BY task", asset)
-    assert [(r["task"], r["state"], r["priority"]) for r in rows] == [
-        ("clip", "queued", 0), ("face", "queued", 0), ("ocr", "queued", 0)]
+    assert [(r["task"], r["state"], r["priority"]) for r in rows] == [("clip", "queued", 0), ("ocr", "queued", 0)]
+    assert await db.fetchval("SELECT tasks FROM reprocess_request WHERE id = $1", r1) == ["clip", "ocr"]  # indexed
     assert await db.fetchval("SELECT tasks FROM reprocess_request WHERE id = $1", r2) == ["ocr"]
     linked = await db.fetchval("SELECT count(*) FROM cnai.request_job WHERE request_id = ANY($1)", [r1, r2])
-    assert linked == 4  # r1: three tasks, r2: ocr
+    assert linked == 3  # r1: the two indexed tasks, r2: ocr
     jobs = await claim(db)
     assert await request_status(db, r1) == ("running", None)
     await db.execute("SELECT cnai.complete_jobs('w', $1)", [j["id"] for j in jobs])
@@ -210,7 +209,7 @@ async def test_trigger_never_raises_into_immich(db):
         await db.execute(UPSERT, [a1], ["preview", "thumbnail"])
         assert await db.fetchval('SELECT count(*) FROM asset_file WHERE "assetId" = $1', a1) == 2
         rows = await db.fetch("SELECT task, state, error FROM cnai.job WHERE asset_id = $1 ORDER BY task", a1)
-        assert [(r["task"], r["state"]) for r in rows] == [("clip", "failed"), ("face", "failed"), ("ocr", "failed")]
+        assert [(r["task"], r["state"]) for r in rows] == [("clip", "failed"), ("ocr", "failed")]
         assert all("enqueue failed in trigger on asset_file" in r["error"] and "chaos_refuse" in r["error"]
                    for r in rows)
         # even recording the failure fails (every job row refused): still only a warning, the write stands
@@ -221,7 +220,7 @@ async def test_trigger_never_raises_into_immich(db):
     finally:
         await tx.rollback()  # the constraints go again
     await db.execute(UPSERT, [a1], ["preview"])
-    assert await queued(db, a1) == [("clip", "queued"), ("face", "queued"), ("ocr", "queued")]
+    assert await queued(db, a1) == [("clip", "queued"), ("ocr", "queued")]
 
 
 # --- the listener's functions ----------------------------------------------------------------------------------
@@ -465,7 +464,7 @@ async def test_queue_functions_take_locks_in_immich_order(db, dsn, step):
 # --- the CLI over it -------------------------------------------------------------------------------------------
 async def test_cli_status_and_retry(db, dsn):
     assets = await bare_assets(db, 3)
-    await db.execute(UPSERT, assets[:1], ["preview"])  # three queued (in the intake)
+    await db.execute(UPSERT, assets[:1], ["preview"])  # clip and ocr queued (in the intake)
     for a, task, error in ((assets[1], "ocr", "preview file not found: /x.jpg"),
                            (assets[2], "ocr", "preview file not found: /x.jpg"),
                            (assets[2], "face", "face model missing: put buffalo_l in models/face")):
@@ -481,8 +480,7 @@ async def test_cli_status_and_retry(db, dsn):
     out = await cnai("status", "--dsn", dsn)
     table = out.split("oldest queued:")[0]
     counts = {(ln.split()[0], ln.split()[1]): int(ln.split()[2]) for ln in table.splitlines()[1:] if ln.strip()}
-    assert counts == {("clip", "queued"): 1, ("face", "queued"): 1, ("face", "failed"): 1, ("ocr", "queued"): 1,
-                      ("ocr", "failed"): 2}
+    assert counts == {("clip", "queued"): 1, ("face", "failed"): 1, ("ocr", "queued"): 1, ("ocr", "failed"): 2}
     assert "oldest queued:" in out and "s ago" in out
     assert "     2  ocr   preview file not found: /x.jpg" in out
     assert "face model missing" in out

@@ -153,8 +153,8 @@ async def test_task_run_sql_runs_on_older_postgres(old_server):  # noqa: F811
                                      type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
                                      UNIQUE ("assetId", type, "isEdited"));""")
         root = Path(__file__).resolve().parent.parent / "sql"
-        for name in ("queue/schema/100_queue_tables.sql", "queue/code/110_queue_ops.sql",
-                     "triggers/code/120_triggers.sql"):
+        for name in ("queue/schema/100_queue_tables.sql", "queue/schema/103_indexed_tasks.sql",
+                     "queue/code/110_queue_ops.sql", "triggers/code/120_triggers.sql"):
             await conn.execute((root / name).read_text())
         await conn.execute("""
             CREATE TABLE cnai.ocr (asset_id uuid, model text, updated_at timestamptz DEFAULT now());

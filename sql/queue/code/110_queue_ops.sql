@@ -21,6 +21,50 @@ DROP FUNCTION IF EXISTS cnai.prune_jobs(interval);
 CREATE OR REPLACE FUNCTION cnai.all_tasks() RETURNS text[] LANGUAGE sql IMMUTABLE
   RETURN ARRAY['clip', 'face', 'ocr'];
 
+-- A task name a caller passed (cnai tasks, cnai backfill): one of cnai.all_tasks(), or a clear error.
+CREATE OR REPLACE FUNCTION cnai.check_task(p_task text) RETURNS void LANGUAGE plpgsql STABLE AS $$
+BEGIN
+  IF p_task IS NULL OR NOT p_task = ANY (cnai.all_tasks()) THEN
+    RAISE EXCEPTION 'unknown task %: the tasks are %', coalesce(p_task, 'NULL'),
+      array_to_string(cnai.all_tasks(), ', ') USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+END $$;
+
+-- The tasks cnai runs in the background (cnai.indexed_task): what an upload, an unhide or restore, Immich's
+-- re-run buttons and a request that names no task make jobs for. A request or backfill naming a task runs it anyway.
+CREATE OR REPLACE FUNCTION cnai.indexed_tasks() RETURNS text[] LANGUAGE sql STABLE
+  RETURN ARRAY(SELECT t.task FROM cnai.indexed_task t ORDER BY t.task);
+
+-- A listener serving these tasks indexes them from now on (at its start); returns the ones it newly added.
+CREATE OR REPLACE FUNCTION cnai.index_tasks(p_tasks text[]) RETURNS text[] LANGUAGE sql AS $$
+  WITH added AS (
+    INSERT INTO cnai.indexed_task (task) SELECT DISTINCT t FROM unnest(p_tasks) AS u(t)
+    ON CONFLICT (task) DO NOTHING
+    RETURNING task
+  )
+  SELECT ARRAY(SELECT a.task FROM added a ORDER BY a.task);
+$$;
+
+-- `cnai tasks --drop TASK`: stop indexing a task, and drop its queued background jobs (the ones a person asked for,
+-- priority 0, still run). A job locked right now (claimed this instant, its asset being deleted) is skipped, not
+-- waited for. Returns how many jobs were dropped; NULL when the task was not indexed.
+CREATE OR REPLACE FUNCTION cnai.unindex_task(p_task text) RETURNS bigint LANGUAGE plpgsql AS $$
+DECLARE
+  n bigint;
+BEGIN
+  PERFORM cnai.check_task(p_task);
+  DELETE FROM cnai.indexed_task WHERE task = p_task;
+  IF NOT FOUND THEN
+    RETURN NULL;
+  END IF;
+  DELETE FROM cnai.job j
+   WHERE j.id = ANY (ARRAY(SELECT x.id FROM cnai.job x
+                            WHERE x.task = p_task AND x.state = 'queued' AND x.priority > 0
+                            FOR UPDATE SKIP LOCKED));
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END $$;
+
 -- Lock the assets of these jobs the way Immich's DELETE does, before any of the jobs: an asset being deleted is
 -- waited for (its jobs are gone once it commits), and while we hold it no delete can start on it.
 -- p_skip_locked: don't wait, leave assets being deleted out. Returns the assets locked.
@@ -66,8 +110,8 @@ BEGIN
    WHERE q.id = a.request_id AND q.status NOT IN ('done', 'failed');
 END $$;
 
--- Move what the asset_file trigger appended to cnai.job_intake into cnai.job: one queued job per (asset, task),
--- coalescing with what is already queued (rows of assets deleted since are dropped).
+-- Move what the asset_file trigger appended to cnai.job_intake into cnai.job: one queued job per (asset, indexed
+-- task), coalescing with what is already queued (rows of assets deleted since are dropped).
 CREATE OR REPLACE FUNCTION cnai.take_intake(p_limit integer DEFAULT 10000) RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
   taken_assets uuid[];
@@ -91,7 +135,7 @@ BEGIN
   PERFORM FROM public.asset a WHERE a.id = ANY (taken_assets) ORDER BY a.id FOR KEY SHARE;
   INSERT INTO cnai.job (asset_id, task, created_at)
   SELECT m.asset_id, t.task, min(m.queued_at)
-    FROM unnest(taken_assets, taken_at) AS m(asset_id, queued_at) CROSS JOIN unnest(cnai.all_tasks()) AS t(task)
+    FROM unnest(taken_assets, taken_at) AS m(asset_id, queued_at) CROSS JOIN unnest(cnai.indexed_tasks()) AS t(task)
    -- an asset hidden or trashed since its preview was written is skipped, as Immich's own ML skips it
    WHERE EXISTS (SELECT FROM public.asset a
                   WHERE a.id = m.asset_id AND cnai.asset_skip_reason(a.visibility::text, a."deletedAt") IS NULL)
@@ -101,14 +145,17 @@ BEGIN
   RETURN cardinality(taken_assets);
 END $$;
 
--- Queued work per task, the intake included (each intake row is one job per task once taken).
+-- Queued work per task, the intake included (each intake row is one job per indexed task once taken).
 CREATE OR REPLACE FUNCTION cnai.queue_depth() RETURNS TABLE (task text, queued bigint, oldest timestamptz)
 LANGUAGE sql STABLE AS $$
-  WITH intake AS (SELECT count(DISTINCT asset_id) AS n, min(queued_at) AS oldest FROM cnai.job_intake)
+  WITH intake AS (SELECT count(DISTINCT asset_id) AS n, min(queued_at) AS oldest FROM cnai.job_intake),
+  indexed AS (SELECT cnai.indexed_tasks() AS tasks)
   SELECT t.task,
-         (SELECT count(*) FROM cnai.job j WHERE j.task = t.task AND j.state = 'queued') + intake.n,
-         least((SELECT min(created_at) FROM cnai.job j WHERE j.task = t.task AND j.state = 'queued'), intake.oldest)
-    FROM unnest(cnai.all_tasks()) AS t(task), intake;
+         (SELECT count(*) FROM cnai.job j WHERE j.task = t.task AND j.state = 'queued')
+           + CASE WHEN t.task = ANY (indexed.tasks) THEN intake.n ELSE 0 END,
+         least((SELECT min(created_at) FROM cnai.job j WHERE j.task = t.task AND j.state = 'queued'),
+               CASE WHEN t.task = ANY (indexed.tasks) THEN intake.oldest END)
+    FROM unnest(cnai.all_tasks()) AS t(task), intake, indexed;
 $$;
 
 -- Claim up to p_limit ready jobs of the given tasks for p_worker, under a lease. Task by task, each through its

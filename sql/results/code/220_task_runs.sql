@@ -17,10 +17,7 @@ RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
   n bigint;
 BEGIN
-  IF p_task IS NULL OR NOT p_task = ANY (cnai.all_tasks()) THEN
-    RAISE EXCEPTION 'unknown task %: the tasks are %', coalesce(p_task, 'NULL'),
-      array_to_string(cnai.all_tasks(), ', ') USING ERRCODE = 'invalid_parameter_value';
-  END IF;
+  PERFORM cnai.check_task(p_task);
   IF p_model IS NULL THEN
     RAISE EXCEPTION 'cnai.queue_missing: name the model this install uses for task %', p_task
       USING ERRCODE = 'null_value_not_allowed';

@@ -17,8 +17,8 @@
 --  * the asset_file trigger enqueues an unedited preview of an asset that is neither hidden nor trashed;
 --  * an asset that becomes hidden or trashed loses its queued jobs (requests waiting on them fail, saying why);
 --    its results stay, so a restored photo is found again at once;
---  * an asset that is unhidden or restored is queued again (all tasks), as Immich re-runs its ML when it shows
---    a hidden asset again: work dropped while it was away is done then;
+--  * an asset that is unhidden or restored is queued again (the indexed tasks), as Immich re-runs its ML when it
+--    shows a hidden asset again: work dropped while it was away is done then;
 --  * reprocess_request refuses hidden and trashed assets;
 --  * listeners read the preview cnai.job_preview_paths names, and fail a job it gives a skip reason for.
 
@@ -65,10 +65,15 @@ BEGIN
   IF bad IS NOT NULL THEN
     RAISE EXCEPTION 'reprocess_request: unknown task %', bad
       USING ERRCODE = 'check_violation',
-            HINT = format('tasks must be a subset of %s; NULL or {} means all', cnai.all_tasks());
+            HINT = format('tasks must be a subset of %s; NULL or {} means the indexed tasks, %s',
+                          cnai.all_tasks(), cnai.indexed_tasks());
   END IF;
   IF NEW.tasks IS NULL OR cardinality(NEW.tasks) = 0 THEN
-    NEW.tasks := cnai.all_tasks();
+    NEW.tasks := cnai.indexed_tasks();
+    IF cardinality(NEW.tasks) = 0 THEN  -- it would wait on no job, forever
+      RAISE EXCEPTION 'reprocess_request: no task is indexed, so a request must name its tasks'
+        USING ERRCODE = 'check_violation', HINT = format('name some of %s', cnai.all_tasks());
+    END IF;
   ELSE
     NEW.tasks := ARRAY(SELECT DISTINCT t FROM unnest(NEW.tasks) t ORDER BY t);
   END IF;
@@ -130,7 +135,7 @@ BEGIN
     BEGIN
       INSERT INTO cnai.job (asset_id, task, state, error, finished_at)
       SELECT DISTINCT f."assetId", t.task, 'failed', reason, now()
-        FROM new_rows f CROSS JOIN unnest(cnai.all_tasks()) AS t(task)
+        FROM new_rows f CROSS JOIN unnest(cnai.indexed_tasks()) AS t(task)
        WHERE f.type::text = 'preview' AND NOT f."isEdited";
       RAISE WARNING 'cnai: %', reason;
     EXCEPTION WHEN OTHERS THEN

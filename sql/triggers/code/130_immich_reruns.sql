@@ -33,7 +33,8 @@
 -- that are gone (Immich's delete cascading to these tables) ignored, and never an error in Immich's transaction.
 
 -- Queue p_task for the assets Immich just ran it on, by the rule above; p_reruns[i]: Immich had run it on
--- p_asset_ids[i] before (NULL: a first run). Returns how many jobs were queued.
+-- p_asset_ids[i] before (NULL: a first run). Only a task cnai indexes (cnai.indexed_tasks()): Immich's Face
+-- Detection makes no cnai face job while cnai does not index faces. Returns how many jobs were queued.
 CREATE OR REPLACE FUNCTION cnai.queue_after_immich_run(p_task text, p_asset_ids uuid[], p_reruns boolean[])
 RETURNS bigint LANGUAGE plpgsql AS $$
 DECLARE
@@ -43,6 +44,9 @@ DECLARE
   n bigint := 0;
   added bigint;
 BEGIN
+  IF NOT p_task = ANY (cnai.indexed_tasks()) THEN
+    RETURN 0;
+  END IF;
   -- An asset at a time, each lookup by key: Immich writes one asset per statement, and the plans of these lookups
   -- are made once and kept (a join over the array is planned anew on every call, at several times its running
   -- cost: bench/trigger_cost.py).
