@@ -147,8 +147,8 @@ class StatusPage:
             rows.append(f"<tr><td>{m.minute:%H:%M}</td><td class=n>{total}</td>"
                         f"<td><span class=bar style=\"width:{12 * total / peak:.1f}em\"></span></td>"
                         f"<td>{tasks}{failed}</td></tr>")
-        return ("<h2>Finished per minute</h2><table id=throughput><tr><th>minute</th><th class=n>jobs</th><th></th>"
-                f"<th>by task</th></tr>{''.join(rows)}</table>")
+        return ("<h2>Finished per minute</h2><table id=throughput><tr><th>minute (UTC)</th><th class=n>jobs</th>"
+                f"<th></th><th>by task</th></tr>{''.join(rows)}</table>")
 
     @staticmethod
     def _failures(st) -> str:
