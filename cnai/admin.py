@@ -62,6 +62,11 @@ async def unindex_task(conn: asyncpg.Connection, task: str) -> int | None:
     return await conn.fetchval("SELECT cnai.unindex_task($1)", task)
 
 
+async def check_task(conn: asyncpg.Connection, task: str) -> None:
+    """An unknown task name is an error naming the known ones (cnai.check_task)."""
+    await conn.execute("SELECT cnai.check_task($1)", task)
+
+
 async def retry_failed(conn: asyncpg.Connection, tasks: list[str] | None) -> int:
     return await conn.fetchval("SELECT cnai.retry_failed($1)", tasks)
 
@@ -77,18 +82,18 @@ async def user_ids(conn: asyncpg.Connection, emails: list[str]) -> list:
 
 
 async def search(conn: asyncpg.Connection, query: str, embedding: str | None, owner_ids: list | None,
-                 limit: int) -> list[asyncpg.Record]:
-    """Best first, with each asset's path and the matched part of its OCR text, the match in [brackets]
+                 limit: int, marks: tuple[str, str] = ("[", "]")) -> list[asyncpg.Record]:
+    """Best first, with each asset's path and the matched part of its OCR text, the match between `marks`
     (cnai.ocr_snippet; the text's start for a photo found by CLIP alone). owner_ids None: every user's photos."""
     found = ("cnai.search_all_owners($1, $2::vector, $3, 0)" if owner_ids is None
-             else "cnai.search($1, $2::vector, $4, $3, 0)")
+             else "cnai.search($1, $2::vector, $6, $3, 0)")
     return await conn.fetch(
         f"""SELECT s.asset_id, s.score, s.ocr_rank, s.clip_rank, a."originalPath" AS path,
-                   coalesce(cnai.ocr_snippet(o.text, $1, 60, '[', ']'), left(o.text, 60)) AS snippet
+                   coalesce(cnai.ocr_snippet(o.text, $1, 60, $4, $5), left(o.text, 60)) AS snippet
               FROM {found} s
               JOIN asset a ON a.id = s.asset_id LEFT JOIN cnai.ocr o ON o.asset_id = s.asset_id
              ORDER BY s.score DESC, s.asset_id""",
-        query, embedding, limit, *([] if owner_ids is None else [owner_ids]))
+        query, embedding, limit, *marks, *([] if owner_ids is None else [owner_ids]))
 
 
 # --- status ------------------------------------------------------------------------------------------------------
@@ -122,6 +127,33 @@ async def oldest_queued_ages(conn: asyncpg.Connection) -> dict[str, float]:
 async def expired_leases(conn: asyncpg.Connection) -> int:
     """Jobs still running past their lease: their listener stopped, and a reaper will re-queue them."""
     return await conn.fetchval("SELECT count(*) FROM cnai.job WHERE state = 'running' AND lease_until < now()")
+
+
+@dataclass
+class MinuteThroughput:
+    minute: object        # the minute's start (timestamptz)
+    finished: dict        # task -> jobs that finished (done or failed) in that minute
+    failed: int           # of them, failed (all tasks)
+
+
+async def throughput(conn: asyncpg.Connection, minutes: int) -> list[MinuteThroughput]:
+    """Jobs finished per minute over the last `minutes` whole minutes and the current one, oldest first; a quiet
+    minute is there with nothing in it (cnai.job keeps finished jobs for a week before pruning)."""
+    rows = await conn.fetch(
+        """WITH m AS (SELECT generate_series(date_trunc('minute', now()) - make_interval(mins => $1),
+                                             date_trunc('minute', now()), interval '1 minute') AS minute)
+           SELECT m.minute, j.task, count(j.id) AS n, count(j.id) FILTER (WHERE j.state = 'failed') AS failed
+             FROM m LEFT JOIN cnai.job j
+               ON j.state IN ('done', 'failed') AND j.finished_at >= m.minute
+              AND j.finished_at < m.minute + interval '1 minute'
+            GROUP BY 1, 2 ORDER BY 1, 2""", minutes)
+    by_minute: dict = {}
+    for r in rows:
+        entry = by_minute.setdefault(r["minute"], MinuteThroughput(r["minute"], {}, 0))
+        if r["task"] is not None:
+            entry.finished[r["task"]] = r["n"]
+            entry.failed += r["failed"]
+    return list(by_minute.values())
 
 
 async def queue_status(conn: asyncpg.Connection, failed_limit: int) -> QueueStatus:

@@ -187,6 +187,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 async def _run_service(args, settings, gateway: bool, listener: bool):
     from .metrics import QueueReader, ServiceMetrics
+    from .status_source import StatusDatabase
     from .wiring import (build_front, build_gateway, build_listener, build_pool, front_start_problem, preload_keys,
                          refuse_bad_clip_setup)
 
@@ -221,6 +222,7 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
     await refuse_bad_clip_setup(pool, settings, serving=gateway)
     metrics = ServiceMetrics(pool)
     lst = None
+    status = None
     if listener:
         # whether CLIP results also fill Immich's smart_search is decided in every batch (Immich's model may change)
         lst = build_listener(dsn, metrics.pool, settings, mirror_clip=True)
@@ -231,7 +233,8 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
         metrics_dsn = dsn or getattr(args, "dsn", None) or settings.dsn
         if metrics_dsn:
             metrics.queue = QueueReader(metrics_dsn)
-        app = build_gateway(pool, settings, metrics).app()
+            status = StatusDatabase(metrics_dsn)  # /status: its figures, search, and retry button
+        app = build_gateway(pool, settings, metrics, status).app()
         front = build_front(metrics.pool, settings, dsn) if with_front else None
         if front:
             front.add_search_routes(app)
@@ -259,6 +262,8 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
     for runner in reversed(runners):
         await runner.cleanup()
     await metrics.close()
+    if status:
+        await status.close()
     await pool.close()
 
 

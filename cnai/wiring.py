@@ -17,6 +17,7 @@ from listener.worker import Listener, ListenerConfig
 
 from .metrics import ServiceMetrics
 from .settings import Settings
+from .status_source import StatusDatabase
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +82,17 @@ def preload_keys(settings: Settings) -> list[str]:
     return [key for task, keys in task_model_keys(settings).items() if task in settings.tasks for key in keys]
 
 
-def build_gateway(pool: ModelPool, settings: Settings, metrics: ServiceMetrics | None = None) -> Gateway:
-    """The gateway, with `/metrics` (the pool and its requests; the listener and queue when `metrics` has them).
+def build_gateway(pool: ModelPool, settings: Settings, metrics: ServiceMetrics | None = None,
+                  status: StatusDatabase | None = None) -> Gateway:
+    """The gateway, with `/metrics` (the pool and its requests; the listener and queue when `metrics` has them) and
+    `/status` (its queue, search and retry button through `status`, when a database is named).
     It runs its models through `metrics.pool`, which times them."""
     metrics = metrics or ServiceMetrics(pool)
     gateway = Gateway(metrics.pool, GatewayConfig(ocr_key="ocr", clip_model=settings.clip_model,
                                                   clip_serve_as=settings.clip_serve_as,
                                                   face_packs=face_packs(settings),
                                                   upstream_url=settings.upstream_ml_url),
-                      metrics=metrics.page)
+                      metrics=metrics.page, status=status)
     metrics.gateway_requests = gateway.requests
     return gateway
 

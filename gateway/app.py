@@ -1,4 +1,5 @@
-"""The HTTP side: `GET /`, `GET /ping`, `POST /predict` as Immich's server calls them, and `GET /metrics`.
+"""The HTTP side: `GET /`, `GET /ping`, `POST /predict` as Immich's server calls them, `GET /metrics`, and the
+operator's `GET /status` page (gateway/status_page.py).
 
 Requests run through the shared model pool: a text query (a person typing a search) at interactive
 priority, Immich's image jobs (CLIP, faces, OCR: bulk work nobody watches) at background priority beside
@@ -30,6 +31,7 @@ from .form import PredictForm, read_predict_form
 from .immich_models import DEFAULT_CLIP_SERVE_AS, IMMICH_FACE_MODELS
 from .protocol import RequestError, number, parse_entries, serialize_embedding
 from .routing import Route, RoutingTable, Served
+from .status_page import StatusPage, StatusSource
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,12 @@ MetricsPage = Callable[[], Awaitable[tuple[bytes, str]]]
 
 
 class Gateway:
-    def __init__(self, pool: ModelPool, config: GatewayConfig, metrics: MetricsPage | None = None):
+    def __init__(self, pool: ModelPool, config: GatewayConfig, metrics: MetricsPage | None = None,
+                 status: StatusSource | None = None):
         self.pool = pool
         self.config = config
         self.metrics = metrics
+        self.status_page = StatusPage(pool, status)
         self.routes = RoutingTable.build(ocr_key=config.ocr_key, clip_model=config.clip_model,
                                          clip_serve_as=config.clip_serve_as, face_packs=config.face_packs,
                                          upstream=bool(config.upstream_url))
@@ -78,6 +82,7 @@ class Gateway:
         app.router.add_post("/predict", self.predict)
         if self.metrics is not None:
             app.router.add_get("/metrics", self.metrics_page)
+        self.status_page.add_routes(app)
         app.on_cleanup.append(self._close)
         return app
 

@@ -258,6 +258,12 @@ class ModelPool:
                 result[key] = e
         return result
 
+    def loaded(self) -> dict[str, bool]:
+        """Every registered model and whether it is in memory now (first use or preload loads it; an idle one may
+        be unloaded again)."""
+        return {key: key in self._lanes and bool(getattr(self._lanes[key].model, "loaded", True))
+                for key in sorted(self._factories)}
+
     def stats(self) -> dict[str, PoolStats]:
         return {k: lane.stats for k, lane in self._lanes.items()}
 
