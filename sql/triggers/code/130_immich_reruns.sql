@@ -169,12 +169,16 @@ BEGIN
   -- Emptied by Immich (Smart Search "All", a CLIP model change): its writes from now on are re-runs for every
   -- asset cnai ran before. Not when the rows went with their assets (Immich deleting assets: a cascade; or
   -- TRUNCATE asset CASCADE), nor when some rows were deleted and others stay.
+  IF TG_OP = 'DELETE' THEN  -- (nested: a TRUNCATE has no old_rows to name, even in a branch not taken)
+    IF NOT EXISTS (SELECT FROM old_rows o JOIN public.asset a ON a.id = o."assetId") THEN
+      RETURN NULL;  -- Immich deleting assets, the common case: stop before the exception block's subtransaction
+    END IF;
+  END IF;
   BEGIN
     IF TG_OP = 'TRUNCATE' THEN
       wiped := EXISTS (SELECT FROM public.asset);
     ELSIF TG_OP = 'DELETE' THEN
-      wiped := EXISTS (SELECT FROM old_rows o JOIN public.asset a ON a.id = o."assetId")
-               AND NOT EXISTS (SELECT FROM public.smart_search);
+      wiped := NOT EXISTS (SELECT FROM public.smart_search);  -- rows of live assets went (checked above)
     END IF;
     IF wiped THEN
       INSERT INTO cnai.immich_wipe (task, wiped_at) VALUES ('clip', now())
