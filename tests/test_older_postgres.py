@@ -27,6 +27,17 @@ def old_server():
     server.destroy()
 
 
+# A stand-in for Immich's asset/asset_file (without vector columns), on which cnai's SQL files run as-is.
+IMMICH_STANDIN = """
+    DROP SCHEMA IF EXISTS cnai CASCADE;
+    DROP TABLE IF EXISTS reprocess_request, asset_job_status, asset_file, asset CASCADE;
+    CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+                        visibility varchar NOT NULL DEFAULT 'timeline', "deletedAt" timestamptz);
+    CREATE TABLE asset_file (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "assetId" uuid REFERENCES asset(id),
+                             type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
+                             UNIQUE ("assetId", type, "isEdited"));"""
+
+
 @pytest_asyncio.fixture
 async def old_conn(old_server):
     conn = await asyncpg.connect(old_server.dsn())
@@ -41,15 +52,7 @@ async def test_missing_pgvector_is_a_clear_error(old_server):
 
 
 async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
-    # a stand-in for Immich's asset/asset_file (without vector columns), then our files, as-is
-    await old_conn.execute("""
-        DROP SCHEMA IF EXISTS cnai CASCADE;
-        DROP TABLE IF EXISTS reprocess_request, asset_job_status, asset_file, asset CASCADE;
-        CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-                            visibility varchar NOT NULL DEFAULT 'timeline', "deletedAt" timestamptz);
-        CREATE TABLE asset_file (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "assetId" uuid REFERENCES asset(id),
-                                 type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
-                                 UNIQUE ("assetId", type, "isEdited"));""")
+    await old_conn.execute(IMMICH_STANDIN)
     root = Path(__file__).resolve().parent.parent / "sql"
     for name in ("queue/schema/100_queue_tables.sql", "queue/schema/103_indexed_tasks.sql",
                  "queue/code/110_queue_ops.sql", "triggers/code/120_triggers.sql",

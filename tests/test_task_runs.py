@@ -17,7 +17,7 @@ from tests.conftest import make_asset, make_user, running_listener, wait_for
 from tests.face_fixtures import canvas, face_models  # noqa: F401  (fixture)
 from tests.test_face_jobs import face_pool, face_settings, models_dir  # noqa: F401  (fixtures)
 from tests.test_migrations import fresh_dsn, sql_copy  # noqa: F401  (fixtures)
-from tests.test_older_postgres import DEBIAN_PG, old_server  # noqa: F401  (fixture)
+from tests.test_older_postgres import DEBIAN_PG, IMMICH_STANDIN, old_server  # noqa: F401  (fixture)
 
 
 def backfill(dsn: str, *args: str, **env: str) -> str:
@@ -144,14 +144,7 @@ async def test_task_run_sql_runs_on_older_postgres(old_server):  # noqa: F811
     (no pgvector there, so stand-ins for the result tables without their vector columns)."""
     conn = await asyncpg.connect(old_server.dsn())
     try:
-        await conn.execute("""
-            DROP SCHEMA IF EXISTS cnai CASCADE;
-            DROP TABLE IF EXISTS reprocess_request, asset_file, asset CASCADE;
-            CREATE TABLE asset (id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
-                                visibility varchar NOT NULL DEFAULT 'timeline', "deletedAt" timestamptz);
-            CREATE TABLE asset_file (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "assetId" uuid REFERENCES asset(id),
-                                     type varchar NOT NULL, path varchar NOT NULL, "isEdited" boolean DEFAULT false,
-                                     UNIQUE ("assetId", type, "isEdited"));""")
+        await conn.execute(IMMICH_STANDIN)
         root = Path(__file__).resolve().parent.parent / "sql"
         for name in ("queue/schema/100_queue_tables.sql", "queue/schema/103_indexed_tasks.sql",
                      "queue/code/110_queue_ops.sql", "triggers/code/120_triggers.sql"):
