@@ -188,8 +188,8 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 async def _run_service(args, settings, gateway: bool, listener: bool):
     from .metrics import QueueReader, ServiceMetrics
     from .status_source import StatusDatabase
-    from .wiring import (build_front, build_gateway, build_listener, build_pool, front_start_problem, preload_keys,
-                         refuse_bad_clip_setup)
+    from .wiring import (build_front, build_gateway, build_listener, build_mtphotos, build_pool, front_start_problem,
+                         preload_keys, refuse_bad_clip_setup)
 
     with_front = gateway and bool(settings.immich_url or settings.front_port)
     if with_front and (problem := front_start_problem(settings)):
@@ -199,11 +199,13 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
     # taken before the database and the models, so a busy port fails in a second, not after a minute's start
     listen_socket = bind_port(settings.host, args.port) if gateway else None
     door_socket = bind_port(settings.host, settings.front_port) if with_front and settings.front_port else None
+    with_mtphotos = gateway and bool(settings.mtphotos_api_key)  # no key, no MT Photos API
+    mtphotos_socket = bind_port(settings.host, settings.mtphotos_port) if with_mtphotos else None
     dsn = None
     if listener or getattr(args, "watch", None):
         dsn = await _wait_for_database(args, settings, stop)
         if dsn is None:
-            for sock in (listen_socket, door_socket):
+            for sock in (listen_socket, door_socket, mtphotos_socket):
                 if sock:
                     sock.close()
             return
@@ -245,6 +247,10 @@ async def _run_service(args, settings, gateway: bool, listener: bool):
             runners.append(await _serve(front.door_app(), door_socket))
             print(f"cnai front door listening on http://{settings.host}:{settings.front_port} (open Immich here; "
                   f"all but search goes to {settings.immich_url})", flush=True)
+        if with_mtphotos:
+            runners.append(await _serve(build_mtphotos(pool, settings, metrics).app(), mtphotos_socket))
+            print(f"cnai MT Photos AI API listening on http://{settings.host}:{settings.mtphotos_port} (api-key: "
+                  "CNAI_MTPHOTOS_API_KEY)", flush=True)
     if getattr(args, "watch", None):
         from .standalone import watch_folder
         tasks.append(asyncio.create_task(watch_folder(dsn, Path(args.watch), stop), name="watch"))

@@ -114,6 +114,7 @@ class ServiceMetrics:
         self.listener = listener
         self.queue = queue
         self.gateway_requests: collections.Counter | None = None
+        self.mtphotos_requests: collections.Counter | None = None
         self.registry.register(ServiceCollector(self))
 
     async def page(self) -> tuple[bytes, str]:
@@ -146,6 +147,12 @@ class ServiceCollector:
                                            labels=["task", "status", "route"])
             for (task, status, route), n in sorted(self.metrics.gateway_requests.items()):
                 requests.add_metric([task, status, route], n)
+            yield requests
+        if self.metrics.mtphotos_requests is not None:
+            requests = CounterMetricFamily("cnai_mtphotos_requests", "MT Photos AI API answers by route and HTTP "
+                                           "status", labels=["route", "status"])
+            for (route, status), n in sorted(self.metrics.mtphotos_requests.items()):
+                requests.add_metric([route, status], n)
             yield requests
         if self.metrics.listener is not None:
             yield from self._listener(self.metrics.listener)

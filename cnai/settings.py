@@ -99,6 +99,9 @@ class Settings:
     immich_url: str = field(default_factory=lambda: parse_immich_url(_env("CNAI_IMMICH_URL")))
     front_port: int = field(default_factory=lambda: _int("CNAI_FRONT_PORT", 0))  # 0: no front door
     front_timeout_s: float = field(default_factory=lambda: _float("CNAI_FRONT_TIMEOUT_S", 10.0))
+    # MT Photos' AI API on its own port, only when a key is set (no default key: unset means off)
+    mtphotos_api_key: str = field(default_factory=lambda: _env("CNAI_MTPHOTOS_API_KEY").strip())
+    mtphotos_port: int = field(default_factory=lambda: _int("CNAI_MTPHOTOS_PORT", 8060))
     # listener
     tasks: list[str] = field(default_factory=lambda: [
         t.strip() for t in _env("CNAI_TASKS", ",".join(DEFAULT_TASKS)).split(",") if t.strip()])
@@ -129,6 +132,8 @@ class Settings:
                 raise SystemExit(f"{name} must be more than 0, got {value}")
         if not 0 <= self.front_port <= 65535:
             raise SystemExit(f"CNAI_FRONT_PORT must be a port number (or unset: no front door), got {self.front_port}")
+        if not 1 <= self.mtphotos_port <= 65535:
+            raise SystemExit(f"CNAI_MTPHOTOS_PORT must be a port number, got {self.mtphotos_port}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise SystemExit(f"CNAI_TASKS={','.join(self.tasks)!r}: name one or more of {', '.join(TASKS)}")

@@ -14,6 +14,7 @@ from inference.pool import ModelPool
 from inference.runtime import ModelMissingError, RuntimeOptions
 from listener.tasks import ClipHandler, FaceHandler, OcrHandler
 from listener.worker import Listener, ListenerConfig
+from mtphotos.app import MtPhotos, MtPhotosConfig
 
 from .metrics import ServiceMetrics
 from .settings import Settings
@@ -95,6 +96,22 @@ def build_gateway(pool: ModelPool, settings: Settings, metrics: ServiceMetrics |
                       metrics=metrics.page, status=status)
     metrics.gateway_requests = gateway.requests
     return gateway
+
+
+def build_mtphotos(pool: ModelPool, settings: Settings, metrics: ServiceMetrics | None = None) -> MtPhotos:
+    """MT Photos' AI API on the same pool (and, through `metrics.pool`, the same timings) as Immich's gateway, asking
+    OCR and faces what the listener asks, so their results are shared too."""
+    config = MtPhotosConfig(api_key=settings.mtphotos_api_key, clip_key=f"clip-visual:{settings.clip_model}",
+                            clip_text_key=f"clip-textual:{settings.clip_model}",
+                            face_key=f"face:{settings.face_model}", face_model=settings.face_model,
+                            face_min_score=settings.face_min_score, ocr_key="ocr",
+                            ocr_det_min_score=settings.ocr_det_min_score,
+                            ocr_rec_min_score=settings.ocr_rec_min_score,
+                            ocr_max_resolution=settings.ocr_max_resolution)
+    mtphotos = MtPhotos(metrics.pool if metrics else pool, config, device=",".join(settings.providers))
+    if metrics is not None:
+        metrics.mtphotos_requests = mtphotos.requests
+    return mtphotos
 
 
 def clip_result_model(settings: Settings) -> str:
