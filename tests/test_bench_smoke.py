@@ -43,3 +43,9 @@ def test_immich_tokenizer_matches_immichs(text, tokens):
     sys.modules["search_quality"] = search_quality  # dataclasses look their module up
     spec.loader.exec_module(search_quality)
     assert search_quality.immich_tokenize(text) == tokens
+
+
+def test_mtphotos_bench_runs_both_protocols():
+    pytest.importorskip("cn_clip")
+    out = run_bench("mtphotos.py", "--images", "2", "--rounds", "1", "--clients", "2")
+    assert "clip " in out and "ocr " in out and out.count("ratio MT Photos / Immich") == 2
