@@ -267,3 +267,37 @@ def test_no_key_no_api(monkeypatch):
     monkeypatch.setenv("CNAI_MTPHOTOS_PORT", "70000")
     with pytest.raises(SystemExit, match="CNAI_MTPHOTOS_PORT"):
         Settings()
+
+
+async def test_cnai_gateway_serves_the_api_on_its_port_only_with_a_key(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from cnai.embedded import _free_port
+    from tests.conftest import stop_process, wait_for
+
+    port, mt_port = _free_port(), _free_port()
+    base = {**os.environ, "CNAI_MODELS_DIR": str(tmp_path), "CNAI_UPSTREAM_ML_URL": "", "CNAI_PRELOAD": "0",
+            "CNAI_MTPHOTOS_PORT": str(mt_port)}
+    base.pop("CNAI_MTPHOTOS_API_KEY", None)
+    for env, served in ((base, False), ({**base, "CNAI_MTPHOTOS_API_KEY": KEY}, True)):
+        proc = subprocess.Popen([sys.executable, "-m", "cnai", "gateway", "--port", str(port)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            async with aiohttp.ClientSession() as session:
+                async def up():
+                    try:
+                        async with session.get(f"http://127.0.0.1:{port}/ping") as r:
+                            return r.status == 200
+                    except aiohttp.ClientConnectionError:
+                        return False
+                await wait_for(up, timeout=60)
+                try:
+                    async with session.post(f"http://127.0.0.1:{mt_port}/check", headers=HEADERS) as r:
+                        answer = r.status, (await r.json())["result"]
+                except aiohttp.ClientConnectionError:
+                    answer = None
+            assert answer == ((200, "pass") if served else None)
+        finally:
+            stop_process(proc, timeout=20)
