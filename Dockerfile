@@ -33,7 +33,7 @@ ENV PATH=/opt/cnai/bin:$PATH \
 # Models (cn-clip, InsightFace packs) live in a volume; RapidOCR's models come with its wheel.
 VOLUME /models
 USER cnai
-EXPOSE 3003
+EXPOSE 3003 8060
 # Immich pings /ping every 30 s with a 2 s timeout; model loading at start can take a while.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python3", "-c", "import os, sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:%s/ping' % os.environ.get('CNAI_PORT', '3003'), timeout=4).read() != b'pong')"]
