@@ -33,6 +33,7 @@ ENV PATH=/opt/cnai/bin:$PATH \
 # Models (cn-clip, InsightFace packs) live in a volume; RapidOCR's models come with its wheel.
 VOLUME /models
 USER cnai
+# 3003: Immich ML (and /metrics, /status); 8060: MT Photos' AI API, only when CNAI_MTPHOTOS_API_KEY is set
 EXPOSE 3003 8060
 # Immich pings /ping every 30 s with a 2 s timeout; model loading at start can take a while.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
