@@ -388,3 +388,49 @@ async def test_the_query_is_parsed_once_per_search(db):
         parsed = await db.fetchval("""SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions
                                        WHERE schemaname = 'cnai' AND funcname IN ('zh_query', 'zh_tsquery')""")
     assert 0 < parsed <= 8 * 2, parsed
+
+
+async def ids_ranking_at_most(db, candidates: int, query, owners, lim=100):
+    async with db.transaction():
+        await db.execute(f"SET LOCAL cnai.ocr_candidates = {candidates}")
+        return await ids(db, query, owners, lim=lim)
+
+
+async def test_ranking_is_bounded_to_the_shortest_matches_and_keeps_the_best(db):
+    """Only the cnai.ocr_candidates matches with the shortest texts are ranked: the best match (the shortest text,
+    for a one-word query) stays first when matches outnumber them, and results are those of ranking every match
+    while they don't."""
+    owner = await make_user(db)
+    filler = "天气晴朗适合出门散步"
+    made = [await add_ocr(db, owner, "发票 " + filler * (1 + i % 5) + f" {i}") for i in range(12)]
+    best = await add_ocr(db, owner, "发票")
+    unbounded = await ids_ranking_at_most(db, 1000, "ocr:发票", [owner])
+    assert unbounded[0] == best and set(unbounded) == set(made) | {best}
+    assert await ids_ranking_at_most(db, 3, "ocr:发票", [owner], lim=2) == unbounded[:2]
+    assert await ids_ranking_at_most(db, 13, "ocr:发票", [owner]) == unbounded
+    # a phrase: candidates come from its characters' index entries; the phrase is checked on them
+    phrase = await add_ocr(db, owner, "营业时间")
+    for _ in range(5):
+        await add_ocr(db, owner, "营业时间 " + filler * 3)
+    assert (await ids_ranking_at_most(db, 3, "ocr:营业时间", [owner], lim=1)) == [phrase]
+
+
+async def test_a_match_beyond_the_ranking_bound_is_left_out(db):
+    """The bound's cost, shown: a long text whose words are adjacent as typed outscores shorter texts where they
+    are apart, but when the shorter ones fill cnai.ocr_candidates it is never ranked."""
+    owner = await make_user(db)
+    apart = [await add_ocr(db, owner, "发票 开具 南京") for _ in range(3)]
+    adjacent = await add_ocr(db, owner, "发票南京 开具于二零二四")
+    everything = await ids_ranking_at_most(db, 1000, "ocr:发票 南京", [owner])
+    assert everything[0] == adjacent and set(everything[1:]) == set(apart)
+    assert adjacent not in await ids_ranking_at_most(db, 3, "ocr:发票 南京", [owner], lim=1)
+
+
+@pytest.mark.parametrize("setting", ["0", "-5", "lots", "99999999999"])
+async def test_a_bad_ranking_bound_setting_is_a_clear_error(db, setting):
+    owner = await make_user(db)
+    await add_ocr(db, owner, "发票")
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="cnai.ocr_candidates"):
+        async with db.transaction():
+            await db.execute(f"SET LOCAL cnai.ocr_candidates = '{setting}'")
+            await ids(db, "ocr:发票", [owner])

@@ -36,16 +36,43 @@ $$;
 -- The query's verbatim occurrence in the text is not scored: it doubled the cost and changed no ranking on the
 -- labelled set, and it made quotes or brackets in a query change a score 500-fold.
 DROP FUNCTION IF EXISTS cnai.ocr_match_score(tsvector, text, tsquery, text);
-CREATE OR REPLACE FUNCTION cnai.ocr_score(doc_text text, query_chars integer, as_typed boolean, fuzzy boolean)
+DROP FUNCTION IF EXISTS cnai.ocr_score(text, integer, boolean, boolean);
+-- text_chars: the photo's cnai.searchable_chars (cnai.ocr.text_chars).
+CREATE OR REPLACE FUNCTION cnai.ocr_score(text_chars integer, query_chars integer, as_typed boolean, fuzzy boolean)
 RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT CASE WHEN fuzzy THEN 0.45 * share
               ELSE 0.5 + 0.5 * share * CASE WHEN as_typed THEN 1.0 ELSE 0.5 END END
-    FROM (SELECT least(1.0, query_chars::float8
-                            / greatest(1, char_length(translate(doc_text, E' \t\r\n\u3000', ''))))) AS s(share);
+    FROM (SELECT least(1.0, query_chars::float8 / greatest(1, text_chars))) AS s(share);
 $$;
 
 -- Exact matches under this many: the fuzzy fallback adds matches with one OCR error allowed, ranked after them.
 CREATE OR REPLACE FUNCTION cnai.fuzzy_below() RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 5;
+
+-- Matches ranked per search, at most: the library's matches with the shortest texts (the best a match there can
+-- score, cnai.ocr_score), chosen from the index and a stored length without reading a text or its tokens; only they
+-- get the phrase check and their full score. A very common character (的, 店) matches a large share of a big library,
+-- and reading every match cost hundreds of milliseconds. Below this many matches, results are exactly those of
+-- ranking every match; above it, a match outside the shortest texts is left out even where the query's words are
+-- adjacent there and not in the shorter ones. The setting `cnai.ocr_candidates` (ALTER DATABASE ... SET, or SET in
+-- a session) changes it; a page deeper than it raises it to the page's end.
+CREATE OR REPLACE FUNCTION cnai.ocr_candidates() RETURNS integer LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+  setting text := nullif(btrim(current_setting('cnai.ocr_candidates', true)), '');
+BEGIN
+  IF setting IS NULL THEN
+    RETURN 2000;
+  END IF;
+  IF setting !~ '^[0-9]{1,9}$' OR setting::integer < 1 THEN
+    RAISE EXCEPTION 'cnai.ocr_candidates must be a whole number of at least 1, got %', setting
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN setting::integer;
+END $$;
+
+-- The tsquery with each phrase operator made an AND: the GIN index answers it alone, with no recheck that reads
+-- every match's tokens. Lexemes never hold '<' or '>' (cnai.separator_class splits them out).
+CREATE OR REPLACE FUNCTION cnai.tsquery_unordered(q tsquery) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  RETURN regexp_replace(q::text, ' <(-|[0-9]+)> ', ' & ', 'g')::tsquery;
 
 CREATE OR REPLACE FUNCTION cnai.search_ocr(q_text text, owner_ids uuid[], lim integer,
                                            visibilities text[] DEFAULT NULL, locked_owner uuid DEFAULT NULL)
@@ -59,6 +86,7 @@ DECLARE
   found_before integer := 0;
   found_now integer;
   tsq tsquery := q.exact;
+  candidates integer := greatest(cnai.ocr_candidates(), lim);
 BEGIN
   -- exact matches, then (when they are few) the fuzzy fallback's others, ranked after them
   FOR fuzzy IN 0..1 LOOP
@@ -68,15 +96,23 @@ BEGIN
     END IF;
     EXIT WHEN tsq IS NULL;
     RETURN QUERY
-      SELECT o.asset_id, s.score, found_before + (row_number() OVER (ORDER BY s.score DESC, o.asset_id))::integer
-        FROM cnai.ocr o
-        JOIN public.asset a ON a.id = o.asset_id
-       CROSS JOIN LATERAL (SELECT cnai.ocr_score(o.text, q.query_chars, one_group OR o.tokens @@ q.phrase, fuzzy = 1)
-                                  AS score) s
+      WITH shortest AS MATERIALIZED (  -- the candidates: from the index and the stored length alone
+        SELECT o.asset_id, o.text_chars
+          FROM cnai.ocr o
+          JOIN public.asset a ON a.id = o.asset_id
+         WHERE o.tokens @@ cnai.tsquery_unordered(tsq)
+           AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                    owner_ids, visibilities, locked_owner)
+         ORDER BY greatest(o.text_chars, q.query_chars), o.asset_id
+         LIMIT candidates
+      )
+      SELECT c.asset_id, s.score, found_before + (row_number() OVER (ORDER BY s.score DESC, c.asset_id))::integer
+        FROM shortest c
+        JOIN cnai.ocr o ON o.asset_id = c.asset_id
+       CROSS JOIN LATERAL (SELECT cnai.ocr_score(c.text_chars, q.query_chars, one_group OR o.tokens @@ q.phrase,
+                                                 fuzzy = 1) AS score) s
        WHERE o.tokens @@ tsq AND (fuzzy = 0 OR NOT o.tokens @@ q.exact)
-         AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                                  owner_ids, visibilities, locked_owner)
-       ORDER BY s.score DESC, o.asset_id
+       ORDER BY s.score DESC, c.asset_id
        LIMIT lim - found_before;
     GET DIAGNOSTICS found_now = ROW_COUNT;
     found_before := found_before + found_now;

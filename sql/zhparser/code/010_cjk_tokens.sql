@@ -29,6 +29,11 @@ $$;
 CREATE OR REPLACE FUNCTION cnai.zh_fold(t text) RETURNS text LANGUAGE sql IMMUTABLE PARALLEL SAFE
   RETURN lower(cnai.to_simplified(normalize(coalesce(t, ''), NFKC)));
 
+-- Characters of a text that a match's share is measured against: all but whitespace. cnai.ocr stores it
+-- (text_chars), so ranking reads a number instead of the text.
+CREATE OR REPLACE FUNCTION cnai.searchable_chars(t text) RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  RETURN char_length(translate(coalesce(t, ''), E' \t\r\n\u3000', ''));
+
 -- Longest word kept (characters): a lexeme may not exceed 2 kB, and no one searches for a longer word.
 CREATE OR REPLACE FUNCTION cnai.max_word_chars() RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 100;
 
