@@ -200,8 +200,11 @@ BEGIN
       REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cnai.follow_immich_smart_search();
     CREATE OR REPLACE TRIGGER cnai_follow_smart_search_update AFTER UPDATE ON public.smart_search
       REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cnai.follow_immich_smart_search();
+    -- only Immich's own DELETE statements (depth 0): the cascade from each deleted asset (Immich emptying the
+    -- trash) runs inside a foreign-key trigger, so it skips the call and the transition table altogether
     CREATE OR REPLACE TRIGGER cnai_follow_smart_search_delete AFTER DELETE ON public.smart_search
-      REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cnai.follow_immich_smart_search();
+      REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT WHEN (pg_catalog.pg_trigger_depth() < 1)
+      EXECUTE FUNCTION cnai.follow_immich_smart_search();
     CREATE OR REPLACE TRIGGER cnai_follow_smart_search_truncate AFTER TRUNCATE ON public.smart_search
       FOR EACH STATEMENT EXECUTE FUNCTION cnai.follow_immich_smart_search();
   ELSE
