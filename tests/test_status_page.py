@@ -81,6 +81,12 @@ def _text(driver, css: str) -> str:
     return driver.find_element("css selector", css).text
 
 
+def _after_submit(driver, css: str) -> None:
+    """Wait for the page a form submit loads: selenium returns from submit() and click() before it arrives."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    WebDriverWait(driver, 60).until(lambda d: d.find_elements("css selector", css))
+
+
 async def test_page_loads_with_queue_throughput_failures_and_models(db, tmp_path, status_url, browser):
     await scene(db, tmp_path)
 
@@ -104,6 +110,7 @@ async def test_search_shows_the_photo_with_its_match_marked(db, tmp_path, status
         box = browser.find_element("id", "q")
         box.send_keys("ocr:发票")
         box.submit()
+        _after_submit(browser, "#results tr")
         rows = browser.find_elements("css selector", "#results tr")
         marks = [m.text for m in browser.find_elements("css selector", "#results mark")]
         return [r.text for r in rows], marks, browser.find_element("css selector", "#results .snippet").text
@@ -120,6 +127,7 @@ async def test_retry_button_queues_the_failed_job_again(db, tmp_path, status_url
     def retry():
         browser.get(status_url)
         browser.find_element("css selector", "#failures button").click()
+        _after_submit(browser, "#retried")
         return _text(browser, "#retried"), _text(browser, "#queue")
     retried, queue = await asyncio.to_thread(retry)
     assert retried == "Queued again: 1 failed job(s)."
