@@ -57,14 +57,11 @@ async def test_interactive_jumps_the_background_queue():
     pool.register("rec", lambda: model)
     background = [asyncio.create_task(pool.run("rec", i, Priority.BACKGROUND)) for i in range(20)]
     await asyncio.sleep(0.07)  # backfill is saturating the model
-    t0 = time.perf_counter()
     assert await pool.run("rec", 1000, Priority.INTERACTIVE) == 2000
-    waited = time.perf_counter() - t0
     await asyncio.gather(*background)
     position = next(i for i, b in enumerate(model.batches) if 1000 in b)
     # it ran in the first batch taken after it arrived: at most the batch in flight before it
-    assert position <= 3, model.batches
-    assert waited < 0.05 * 3, waited
+    assert position <= 3, model.batches  # (its order, not its wait: tests never assert timings)
     await pool.close()
 
 
