@@ -18,7 +18,6 @@ import json
 import logging
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnai.db import migrate  # noqa: E402
-from cnai.embedded import EmbeddedServer  # noqa: E402
+from cnai.embedded import EmbeddedServer, scratch_folder  # noqa: E402
 from cnai.settings import Settings  # noqa: E402
 from cnai.wiring import build_front, build_pool  # noqa: E402
 from front.database import SEARCH  # noqa: E402
@@ -131,9 +130,8 @@ async def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    with tempfile.TemporaryDirectory(prefix="cnai-bench-front-") as tmp:
-        Path(tmp).chmod(0o755)  # as root, the server runs as its own user, which must reach the data folder
-        server = EmbeddedServer(Path(tmp) / "pg")
+    with scratch_folder("cnai-bench-front-") as tmp:
+        server = EmbeddedServer(tmp / "pg")
         server.start()
         try:
             dsn = server.dsn()
@@ -146,7 +144,7 @@ async def main() -> None:
 
             settings = Settings()
             settings.immich_url = f"http://127.0.0.1:{immich_port}"
-            settings.models_dir = Path(tmp) / "models"
+            settings.models_dir = tmp / "models"
             pool = build_pool(settings)
             front = build_front(pool, settings, dsn)
             door = web.AppRunner(front.door_app(), access_log=None)

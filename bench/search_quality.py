@@ -32,7 +32,6 @@ import logging
 import math
 import random
 import sys
-import tempfile
 import time
 import unicodedata
 import uuid
@@ -50,7 +49,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont  # noqa: E402
 
 from cnai.db import migrate  # noqa: E402
-from cnai.embedded import EmbeddedServer  # noqa: E402
+from cnai.embedded import EmbeddedServer, scratch_folder  # noqa: E402
 
 SET_VERSION = 1  # bump when the generator changes what it draws, so old caches are not reused
 DEFAULT_CACHE = ROOT / ".cache" / "search_quality"
@@ -564,9 +563,8 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(sorted({FONTS[p.font][3] for p in photos})))
     ocr = run_ocr(photos, args.cache_dir, args.seed, args.ocr_threads)
 
-    with tempfile.TemporaryDirectory(prefix="cnai-bench-quality-") as tmp:
-        Path(tmp).chmod(0o755)  # as root, the server runs as its own user, which must reach the data folder
-        server = EmbeddedServer(Path(tmp) / "pg")
+    with scratch_folder("cnai-bench-quality-") as tmp:
+        server = EmbeddedServer(tmp / "pg")
         server.start()
         try:
             dsn = server.dsn()

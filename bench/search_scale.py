@@ -25,7 +25,6 @@ import random
 import statistics
 import struct
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ import asyncpg  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cnai.db import migrate  # noqa: E402
-from cnai.embedded import EmbeddedServer  # noqa: E402
+from cnai.embedded import EmbeddedServer, scratch_folder  # noqa: E402
 
 # Characters in order of frequency in modern written Chinese (the most common ~500), then shop and sign characters
 CHARS = (
@@ -334,9 +333,8 @@ def main(argv: list[str] | None = None) -> None:
             ap.error(f"--{name} must be at least 1")
     logging.basicConfig(level=logging.WARNING)
 
-    with tempfile.TemporaryDirectory(prefix="cnai-bench-scale-") as tmp:
-        Path(tmp).chmod(0o755)  # as root, the server runs as its own user, which must reach the data folder
-        server = EmbeddedServer(args.data_dir or Path(tmp) / "pg")
+    with scratch_folder("cnai-bench-scale-") as tmp:
+        server = EmbeddedServer(args.data_dir or tmp / "pg")
         server.start()
         try:
             asyncio.run(run(args, server.dsn()))

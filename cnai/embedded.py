@@ -22,6 +22,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,15 @@ def bin_dir() -> Path:
 # where root keeps the server's data (owned by SERVICE_USER) and the binaries' copy (root's, world-readable)
 ROOT_DATA_DIR = Path("/var/lib/cnai")
 ROOT_BIN_CACHE = Path("/var/cache/cnai")
+
+
+@contextlib.contextmanager
+def scratch_folder(prefix: str):
+    """A temporary folder for an embedded server's data (benchmarks, tests), removed afterwards. Opened to other
+    users: run as root, the server runs as its own user, which must reach the data folder (mkdtemp makes 0700)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        Path(tmp).chmod(0o755)
+        yield Path(tmp)
 
 
 def default_data_dir() -> Path:

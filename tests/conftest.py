@@ -19,7 +19,7 @@ import pytest_asyncio
 from PIL import Image, ImageDraw, ImageFont
 
 from cnai.db import migrate
-from cnai.embedded import EmbeddedServer
+from cnai.embedded import EmbeddedServer, scratch_folder
 
 FONT_CANDIDATES = [
     "/usr/share/fonts/truetype/wqy/wqy-zenhei.ttc",
@@ -81,11 +81,9 @@ async def reset_indexed_tasks(conn) -> None:
 @pytest.fixture
 def embedded_home():
     """A folder for one test's embedded server (in `data`) and its files; the server is destroyed after."""
-    root = Path(tempfile.mkdtemp(prefix="cnai-cli-"))
-    root.chmod(0o755)  # as root, the server's own user must reach the data folder in it
-    yield root
-    EmbeddedServer(root / "data").destroy()
-    shutil.rmtree(root, ignore_errors=True)
+    with scratch_folder("cnai-cli-") as root:
+        yield root
+        EmbeddedServer(root / "data").destroy()
 
 
 @pytest.fixture
