@@ -212,6 +212,8 @@ TRIGGERS = (
     ("public.asset_file", "cnai_enqueue_preview_insert", "cnai.enqueue_preview_files"),
     ("public.asset_file", "cnai_enqueue_preview_update", "cnai.enqueue_preview_files"),
     ("public.asset", "cnai_follow_asset_visibility", "cnai.follow_asset_visibility"),
+    ("public.asset", "cnai_ocr_follow_owner", "cnai.ocr_follow_owner"),
+    ("cnai.ocr", "cnai_ocr_take_owner", "cnai.ocr_take_owner"),
     ("public.reprocess_request", "cnai_check_reprocess_request", "cnai.check_reprocess_request"),
     ("public.reprocess_request", "cnai_enqueue_reprocess_requests", "cnai.enqueue_reprocess_requests"),
 )

@@ -183,3 +183,27 @@ async def test_upgrade_retokenizes_ocr_rows_written_before_folding(fresh_dsn, sq
             == [asset]
     finally:
         await conn.close()
+
+
+async def test_upgrade_gives_ocr_rows_written_before_their_owner(fresh_dsn, sql_copy):
+    """OCR rows written before cnai.ocr held its photo's owner get it on upgrade (204_ocr_owner), and the search,
+    which reaches a user's rows through it, finds them."""
+    added = ["results/schema/204_ocr_owner.sql", "results/code/222_ocr_owner.sql"]
+    texts = {name: (sql_copy / name).read_text() for name in added}
+    for name in added:
+        (sql_copy / name).unlink()
+    await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('a@test') RETURNING id""")
+        asset = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                                       VALUES ($1, '/p.jpg', 'p.jpg', '\\x01') RETURNING id""", owner)
+        await conn.execute("INSERT INTO cnai.ocr (asset_id, text, lines, model) VALUES ($1, '发票', '[]', 'm')", asset)
+        for name, text in texts.items():
+            (sql_copy / name).write_text(text)
+        assert await migrate(fresh_dsn, standalone=True, sql_root=sql_copy) == added
+        assert await conn.fetchval("SELECT owner_id FROM cnai.ocr WHERE asset_id = $1", asset) == owner
+        assert [r["asset_id"] for r in await conn.fetch("SELECT * FROM cnai.search('ocr:发票', NULL, $1)", [owner])] \
+            == [asset]
+    finally:
+        await conn.close()

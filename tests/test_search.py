@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+from datetime import datetime, timezone
 
 import asyncpg
 import pytest
@@ -174,23 +175,81 @@ async def plans_of(db, sql: str, *args) -> list[str]:
     return [n for n in notices if "plan:" in n]
 
 
-async def test_ocr_search_uses_the_gin_index(db):
-    """The plan of the query inside cnai.search (not a hand-written copy of it), on a library large enough that
-    the planner picks the index on its own: 5,000 photos, about 1% with the word."""
-    owner = await make_user(db)
-    await db.execute("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
-                        SELECT $1, '/photos/' || g || '.jpg', g || '.jpg', sha256(g::text::bytea)
-                          FROM generate_series(1, 5000) g""", owner)
+async def test_ocr_search_reads_one_users_matches_by_index_or_by_walking_shortest_first(db):
+    """Two ways to a user's shortest matches, each where it is quick (the plans of the queries inside cnai.search,
+    not hand-written copies): a rare word through ocr_owner_tokens, where the owner's lexeme is intersected in the
+    index so no other user's row is read; a word in every text by reading the user's photos shortest text first
+    (ocr_owner_length) until a page matches. 2 x 5,000 photos, so ANALYZE's statistics tell the words apart."""
+    owner, other = await make_user(db), await make_user(db)
+    for user in (owner, other):
+        await db.execute("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                            SELECT $1, '/photos/' || $2 || g || '.jpg', g || '.jpg', sha256(($2 || g)::bytea)
+                              FROM generate_series(1, 5000) g""", user, str(user))
     await db.execute("""INSERT INTO cnai.ocr (asset_id, text, lines, model)
                         SELECT id, CASE WHEN row_number() OVER (ORDER BY id) % 100 = 0 THEN '收据 ' ELSE '' END
                                    || '发票 No. ' || md5(id::text), '[]', 'test' FROM asset""")
     for table in ("asset", "cnai.ocr"):
         await db.execute(f"VACUUM ANALYZE {table}")  # statistics, and the GIN index's pending list merged
-    plans = await plans_of(db, "SELECT * FROM cnai.search('ocr:收据', NULL, $1)", [owner])
-    ocr_plans = [p for p in plans if "o.tokens @@ tsq" in p]  # the query in cnai.search_ocr
-    assert ocr_plans, plans
-    assert all("Index Scan on ocr_tokens" in p for p in ocr_plans), ocr_plans
-    assert len(await ids(db, "ocr:收据", [owner])) == 50
+    rare = await plans_of(db, "SELECT * FROM cnai.search('ocr:收据', NULL, $1)", [owner])
+    assert any("Bitmap Index Scan on ocr_owner_tokens" in p for p in rare), rare
+    assert not any("ocr_owner_length" in p for p in rare), rare
+    common = await plans_of(db, "SELECT * FROM cnai.search('ocr:发票', NULL, $1)", [owner])
+    assert any("Index Scan using ocr_owner_length" in p for p in common), common
+    assert not any("ocr_owner_tokens" in p for p in common), common
+    owned = {r["id"] for r in await db.fetch('SELECT id FROM asset WHERE "ownerId" = $1', owner)}
+    receipts = {r["asset_id"] for r in await db.fetch("SELECT asset_id FROM cnai.ocr WHERE text LIKE '收据%'")}
+    assert set(await ids(db, "ocr:收据", [owner])) == receipts & owned
+    assert len(found := await ids(db, "ocr:发票", [owner])) == 100 and set(found) <= owned
+
+
+async def ids_walking_at_most(db, walk_rows: int, query, owners, lim):
+    async with db.transaction():
+        await db.execute(f"SET LOCAL cnai.ocr_walk_rows = {walk_rows}")
+        return await ids(db, query, owners, lim=lim)
+
+
+async def test_walking_and_the_index_find_the_same_page(db):
+    """The walk (a user's photos read shortest text first), the index, and a walk given up part way for the index
+    return the same page: for a word, a phrase, several words, a fuzzy query, one user and two; trashed, hidden
+    and other users' photos among the shortest texts are skipped by each."""
+    alice, bob, carol = [await make_user(db) for _ in range(3)]
+    rnd = random.Random(7)
+    filler = "天气晴朗适合出门散步"
+    for i in range(25):  # alice's shortest texts hold no 店: a short walk finds nothing and gives up
+        await add_ocr(db, alice, "茶" * (1 + i % 4))
+    for i in range(40):
+        text = rnd.choice(["便利店", "便利店 茶", "书店", "店铺 营业时间", "茶 店", "便利吋店"]) + filler[:rnd.randint(0, 9)]
+        extra = rnd.choice([{}, {}, {}, {"deletedAt": datetime.now(timezone.utc)}, {"visibility": "hidden"}])
+        await add_ocr(db, rnd.choice([alice, bob]), text, **extra)
+    for _ in range(100):  # 店 in most of the library's texts
+        await add_ocr(db, carol, "店" + filler[:rnd.randint(0, 9)])
+    await db.execute("ANALYZE cnai.ocr")
+    assert await db.fetchval("SELECT cnai.ocr_term_share(cnai.tsquery_unordered(cnai.zh_tsquery('店')))") > 0.5
+    for query in ("ocr:店", "ocr:便利店", "ocr:店 茶", "ocr:营业时间", "ocr:便利店茶"):
+        for owners in ([alice], [alice, bob]):
+            index = await ids_walking_at_most(db, 0, query, owners, lim=12)
+            assert index, (query, owners)
+            assert await ids_walking_at_most(db, 20, query, owners, lim=12) == index, (query, owners)
+            assert await ids_walking_at_most(db, 100000, query, owners, lim=12) == index, (query, owners)
+    await db.execute("SET cnai.ocr_walk_rows = 20")
+    try:
+        gave_up = await plans_of(db, "SELECT * FROM cnai.search('ocr:店', NULL, $1, 12)", [alice])
+    finally:
+        await db.execute("RESET cnai.ocr_walk_rows")
+    # the walk read alice's photos, then the index query ran (on a library this small the planner reads the table)
+    assert any("ocr_owner_length" in p for p in gave_up) and any("@@ indexed" in p for p in gave_up), gave_up
+
+
+async def test_ocr_rows_follow_their_photos_owner(db):
+    """cnai.ocr.owner_id, which the search's indexes hold, is the photo's owner: taken when the text is written,
+    and moved if Immich ever moves the photo to another user."""
+    alice, bob = await make_user(db), await make_user(db)
+    asset = await add_ocr(db, alice, "发票")
+    assert await db.fetchval("SELECT owner_id FROM cnai.ocr WHERE asset_id = $1", asset) == alice
+    assert await ids(db, "ocr:发票", [alice]) == [asset]
+    await db.execute('UPDATE asset SET "ownerId" = $2 WHERE id = $1', asset, bob)
+    assert await ids(db, "ocr:发票", [alice]) == []
+    assert await ids(db, "ocr:发票", [bob]) == [asset]
 
 
 async def test_visibilities_and_the_locked_folder(db):
@@ -426,11 +485,44 @@ async def test_a_match_beyond_the_ranking_bound_is_left_out(db):
     assert adjacent not in await ids_ranking_at_most(db, 3, "ocr:发票 南京", [owner], lim=1)
 
 
-@pytest.mark.parametrize("setting", ["0", "-5", "lots", "99999999999"])
-async def test_a_bad_ranking_bound_setting_is_a_clear_error(db, setting):
+@pytest.mark.parametrize("name, setting", [("cnai.ocr_candidates", v) for v in ["0", "-5", "lots", "99999999999"]]
+                         + [("cnai.ocr_walk_rows", v) for v in ["-1", "many", "99999999999"]])
+async def test_a_bad_ranking_bound_setting_is_a_clear_error(db, name, setting):
     owner = await make_user(db)
     await add_ocr(db, owner, "发票")
-    with pytest.raises(asyncpg.InvalidParameterValueError, match="cnai.ocr_candidates"):
+    with pytest.raises(asyncpg.InvalidParameterValueError, match=name):
         async with db.transaction():
-            await db.execute(f"SET LOCAL cnai.ocr_candidates = '{setting}'")
+            await db.execute(f"SET LOCAL {name} = '{setting}'")
             await ids(db, "ocr:发票", [owner])
+
+
+async def test_a_large_users_clip_search_goes_through_the_hnsw_index(db):
+    """A user with more photos than cnai.clip_exact_below() is searched through the HNSW index (the planner would
+    compare every photo instead, which it prices lower for a user with a tenth of the library, and which grows
+    with the library), skipping other users' and trashed photos; a smaller user is compared photo by photo."""
+    big, small = await make_user(db), await make_user(db)
+    many = await db.fetchval("SELECT cnai.clip_exact_below()")
+    await db.execute("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                        SELECT $1, '/photos/big' || g || '.jpg', g || '.jpg', sha256(('big' || g)::bytea)
+                          FROM generate_series(1, $2) g""", big, many)
+    await db.execute("""INSERT INTO cnai.clip (asset_id, model, embedding)
+                        SELECT id, 'test', ARRAY(SELECT random() - 0.5 + 0 * length(id::text)
+                                                  FROM generate_series(1, 512))::real[]::vector FROM asset""")
+    query = unit(0)
+    near = []
+    for noise in (0.01, 0.02, 0.03):
+        near.append(asset := await add_ocr(db, big, "x"))
+        await add_clip(db, asset, unit(0, noise=noise, seed=len(near)))
+    trashed = await add_ocr(db, big, "x", deletedAt=datetime.now(timezone.utc))
+    await add_clip(db, trashed, unit(0))
+    theirs = await add_ocr(db, small, "x")
+    await add_clip(db, theirs, unit(0))
+    await db.execute("VACUUM ANALYZE cnai.clip")
+    emb = "[" + ",".join(map(str, query)) + "]"
+    search = "SELECT asset_id FROM cnai.search_clip($1::vector, $2, 3)"
+    plans = await plans_of(db, search, emb, [big])
+    assert any("Index Scan using clip_embedding" in p for p in plans), plans
+    assert [r["asset_id"] for r in await db.fetch(search, emb, [big])] == near
+    plans = await plans_of(db, search, emb, [small])
+    assert not any("clip_embedding" in p for p in plans), plans
+    assert [r["asset_id"] for r in await db.fetch(search, emb, [small])] == [theirs]

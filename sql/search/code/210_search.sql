@@ -48,13 +48,14 @@ $$;
 -- Exact matches under this many: the fuzzy fallback adds matches with one OCR error allowed, ranked after them.
 CREATE OR REPLACE FUNCTION cnai.fuzzy_below() RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 5;
 
--- Matches ranked per search, at most: the library's matches with the shortest texts (the best a match there can
--- score, cnai.ocr_score), chosen from the index and a stored length without reading a text or its tokens; only they
--- get the phrase check and their full score. A very common character (的, 店) matches a large share of a big library,
--- and reading every match cost hundreds of milliseconds. Below this many matches, results are exactly those of
--- ranking every match; above it, a match outside the shortest texts is left out even where the query's words are
--- adjacent there and not in the shorter ones. The setting `cnai.ocr_candidates` (ALTER DATABASE ... SET, or SET in
--- a session) changes it; a page deeper than it raises it to the page's end.
+-- Matches ranked per search, at most, for a query of several words or phrases: the library's matches with the
+-- shortest texts (the best a match there can score, cnai.ocr_score), chosen without reading a text; only they get
+-- the check whether the words are adjacent as typed, and their full score. A very common character (的, 店)
+-- matches a large share of a big library, and scoring every match cost hundreds of milliseconds. Below this many
+-- matches, results are exactly those of ranking every match; above it, a match outside the shortest texts is left
+-- out even where the query's words are adjacent there and not in the shorter ones. (A query of one word or phrase
+-- is always exact: its score follows the text's length alone.) The setting `cnai.ocr_candidates` (ALTER DATABASE
+-- ... SET, or SET in a session) changes it; a page deeper than it raises it to the page's end.
 CREATE OR REPLACE FUNCTION cnai.ocr_candidates() RETURNS integer LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
 DECLARE
   setting text := nullif(btrim(current_setting('cnai.ocr_candidates', true)), '');
@@ -69,10 +70,99 @@ BEGIN
   RETURN setting::integer;
 END $$;
 
+-- Photos a user's matches may be looked for among by reading the user's photos shortest text first (the walk of
+-- cnai.ocr_matches_of), at most. The best matches of a common term lie among a user's first photos in that order
+-- and are found there in milliseconds whatever the library's size, where the index reads every match. The walk is
+-- tried when ANALYZE's statistics (cnai.ocr_term_share) say it will likely succeed, and given up for the index
+-- after this many photos. The setting `cnai.ocr_walk_rows` changes it; 0 turns the walk off.
+CREATE OR REPLACE FUNCTION cnai.ocr_walk_rows() RETURNS integer LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+  setting text := nullif(btrim(current_setting('cnai.ocr_walk_rows', true)), '');
+BEGIN
+  IF setting IS NULL THEN
+    RETURN 5000;
+  END IF;
+  IF setting !~ '^[0-9]{1,9}$' THEN
+    RAISE EXCEPTION 'cnai.ocr_walk_rows must be a whole number, got %', setting
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN setting::integer;
+END $$;
+
 -- The tsquery with each phrase operator made an AND: the GIN index answers it alone, with no recheck that reads
 -- every match's tokens. Lexemes never hold '<' or '>' (cnai.separator_class splits them out).
 CREATE OR REPLACE FUNCTION cnai.tsquery_unordered(q tsquery) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE
   RETURN regexp_replace(q::text, ' <(-|[0-9]+)> ', ' & ', 'g')::tsquery;
+
+-- The share of photos whose text likely matches q, an AND of lexemes: its rarest lexeme's share among the most
+-- common ones that ANALYZE keeps for cnai.ocr.tokens. 0 when a lexeme is not among them (rare: the index is
+-- quick), when q holds another operator, or before the first ANALYZE.
+CREATE OR REPLACE FUNCTION cnai.ocr_term_share(q tsquery) RETURNS float8 LANGUAGE sql STABLE AS $$
+  WITH lexemes AS (
+    SELECT replace(m[1], '''''', '''') AS lexeme
+      FROM regexp_matches(q::text, '''((?:[^'']|'''')*)''(?::\*)?', 'g') AS m
+  ), stats AS (
+    SELECT s.most_common_elems::text::text[] AS elems, s.most_common_elem_freqs AS freqs
+      FROM pg_catalog.pg_stats s WHERE s.schemaname = 'cnai' AND s.tablename = 'ocr' AND s.attname = 'tokens'
+  )
+  SELECT CASE WHEN regexp_replace(q::text, '''(?:[^'']|'''')*''(?::\*)?', '', 'g') ~ '^[&() ]*$'
+              THEN coalesce((SELECT min(coalesce(st.freqs[array_position(st.elems, l.lexeme)], 0))
+                               FROM lexemes l CROSS JOIN stats st), 0)
+              ELSE 0 END;
+$$;
+
+-- One owner's `candidates` matches with the shortest texts, shortest first (ties by id): photos the search may show
+-- whose text matches must and not must_not (NULL: nothing excluded). Two ways to the same answer:
+--  * walk: the owner's photos shortest text first (ocr_owner_length), each checked, until enough match; given up
+--    for the index after cnai.ocr_walk_rows() photos;
+--  * index: the owner's matches of must's terms (ocr_owner_tokens), shortest first, each checked until enough.
+CREATE OR REPLACE FUNCTION cnai.ocr_matches_of(owner uuid, must tsquery, must_not tsquery, candidates integer,
+                                               walk boolean, owner_ids uuid[], visibilities text[],
+                                               locked_owner uuid)
+RETURNS TABLE (asset_id uuid, text_chars integer) LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+  walk_rows integer := cnai.ocr_walk_rows();
+  ids uuid[];
+  lengths integer[];
+  -- what the index is asked: must's terms in any order, and the owner's lexeme
+  indexed tsquery := cnai.tsquery_unordered(must) && cnai.tsquery_lexeme(cnai.owner_lexeme(owner))::tsquery;
+BEGIN
+  IF walk AND walk_rows > 0 THEN
+    SELECT array_agg(w.asset_id ORDER BY w.text_chars, w.asset_id),
+           array_agg(w.text_chars ORDER BY w.text_chars, w.asset_id)
+      INTO ids, lengths
+      FROM (SELECT m.asset_id, m.text_chars
+              FROM (SELECT o.asset_id, o.text_chars, o.tokens FROM cnai.ocr o
+                     WHERE o.owner_id = owner AND o.text_chars > 0
+                     ORDER BY o.text_chars, o.asset_id LIMIT walk_rows) m
+             WHERE m.tokens @@ must AND NOT coalesce(m.tokens @@ must_not, false)
+               AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                                owner_ids, visibilities, locked_owner)
+                      FROM public.asset a WHERE a.id = m.asset_id)
+             LIMIT candidates) w;
+    -- enough found, or every photo of the owner read: that is the answer
+    IF coalesce(array_length(ids, 1), 0) >= candidates
+       OR (SELECT count(*) FROM (SELECT FROM cnai.ocr o WHERE o.owner_id = owner AND o.text_chars > 0
+                                  LIMIT walk_rows) n) < walk_rows THEN
+      RETURN QUERY SELECT * FROM unnest(ids, lengths);
+      RETURN;
+    END IF;
+  END IF;
+  RETURN QUERY
+    SELECT m.asset_id, m.text_chars
+      FROM (SELECT o.asset_id, o.text_chars FROM cnai.ocr o
+             WHERE cnai.ocr_search_tokens(o.owner_id, o.tokens) @@ indexed AND o.owner_id = owner
+             ORDER BY o.text_chars, o.asset_id OFFSET 0) m
+     -- checked one by one in order (subqueries, not joins), so only rows up to the last one kept are read
+     WHERE (SELECT o.tokens @@ must AND NOT coalesce(o.tokens @@ must_not, false)
+              FROM cnai.ocr o WHERE o.asset_id = m.asset_id)
+       AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                        owner_ids, visibilities, locked_owner)
+              FROM public.asset a WHERE a.id = m.asset_id)
+     ORDER BY m.text_chars, m.asset_id
+     LIMIT candidates;
+END $$;
 
 CREATE OR REPLACE FUNCTION cnai.search_ocr(q_text text, owner_ids uuid[], lim integer,
                                            visibilities text[] DEFAULT NULL, locked_owner uuid DEFAULT NULL)
@@ -85,46 +175,60 @@ DECLARE
   one_group boolean := q.exact = q.phrase;
   found_before integer := 0;
   found_now integer;
-  tsq tsquery := q.exact;
-  candidates integer := greatest(cnai.ocr_candidates(), lim);
+  must tsquery := q.exact;
+  must_not tsquery;
+  bound integer := greatest(cnai.ocr_candidates(), lim);
+  -- one word or phrase: the score follows the text's length alone, so the shortest matches are the page
+  candidates integer := CASE WHEN one_group THEN lim ELSE bound END;
+  walk boolean;
 BEGIN
   -- exact matches, then (when they are few) the fuzzy fallback's others, ranked after them
   FOR fuzzy IN 0..1 LOOP
     IF fuzzy = 1 THEN
       EXIT WHEN found_before >= least(lim, cnai.fuzzy_below()) OR q.fuzzy = q.exact;
-      tsq := q.fuzzy;
+      must := q.fuzzy;
+      must_not := q.exact;
+      candidates := bound;
     END IF;
-    EXIT WHEN tsq IS NULL;
+    EXIT WHEN must IS NULL;
+    -- walk a user's photos when the term is common enough that its matches likely lie among the first ones
+    walk := fuzzy = 0 AND candidates <= cnai.ocr_term_share(cnai.tsquery_unordered(must)) * cnai.ocr_walk_rows();
     RETURN QUERY
-      WITH shortest AS MATERIALIZED (  -- the candidates: from the index and the stored length alone
-        SELECT o.asset_id, o.text_chars
-          FROM cnai.ocr o
-          JOIN public.asset a ON a.id = o.asset_id
-         WHERE o.tokens @@ cnai.tsquery_unordered(tsq)
-           AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                                    owner_ids, visibilities, locked_owner)
-         ORDER BY greatest(o.text_chars, q.query_chars), o.asset_id
+      WITH shortest AS MATERIALIZED (
+        SELECT m.asset_id, m.text_chars
+          FROM (SELECT DISTINCT u FROM unnest(owner_ids) AS u WHERE u IS NOT NULL) AS u(owner)
+         CROSS JOIN LATERAL cnai.ocr_matches_of(u.owner, must, must_not, candidates, walk, owner_ids,
+                                                 visibilities, locked_owner) m
+         ORDER BY m.text_chars, m.asset_id
          LIMIT candidates
       )
-      SELECT c.asset_id, s.score, found_before + (row_number() OVER (ORDER BY s.score DESC, c.asset_id))::integer
+      SELECT c.asset_id, s.score,
+             found_before + (row_number() OVER (ORDER BY s.score DESC, c.text_chars, c.asset_id))::integer
         FROM shortest c
-        JOIN cnai.ocr o ON o.asset_id = c.asset_id
-       CROSS JOIN LATERAL (SELECT cnai.ocr_score(c.text_chars, q.query_chars, one_group OR o.tokens @@ q.phrase,
-                                                 fuzzy = 1) AS score) s
-       WHERE o.tokens @@ tsq AND (fuzzy = 0 OR NOT o.tokens @@ q.exact)
-       ORDER BY s.score DESC, c.asset_id
+       CROSS JOIN LATERAL (
+             SELECT cnai.ocr_score(c.text_chars, q.query_chars,
+                                   one_group OR (SELECT o.tokens @@ q.phrase FROM cnai.ocr o
+                                                  WHERE o.asset_id = c.asset_id),
+                                   fuzzy = 1) AS score) s
+       ORDER BY s.score DESC, c.text_chars, c.asset_id
        LIMIT lim - found_before;
     GET DIAGNOSTICS found_now = ROW_COUNT;
     found_before := found_before + found_now;
   END LOOP;
 END $$;
 
--- clip_model: only embeddings of this model (cnai.clip.model), as a query embedded by one model means nothing
--- next to another model's vectors.
-CREATE OR REPLACE FUNCTION cnai.search_clip(query_embedding vector, owner_ids uuid[], lim integer,
-                                            visibilities text[] DEFAULT NULL, locked_owner uuid DEFAULT NULL,
-                                            clip_model text DEFAULT NULL)
-RETURNS TABLE (asset_id uuid, distance float8, clip_rank integer) LANGUAGE plpgsql STABLE AS $$
+-- Users (owner_ids together) with fewer photos than this are searched by comparing the query with each of their
+-- photos' vectors: exact, and quicker than the HNSW index, which must skip past other users' photos (for a user
+-- with a small share of a large library, past so many that pgvector gives up before finding enough).
+CREATE OR REPLACE FUNCTION cnai.clip_exact_below() RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 3000;
+
+-- The nearest photos through the HNSW index, skipping those the search may not show. The planner is kept from
+-- comparing every photo instead (sort and sequential scan off): it prices that below the index for a user with a
+-- tenth of the library, and it is slower there and grows with the library.
+CREATE OR REPLACE FUNCTION cnai.clip_nearest_indexed(query_embedding vector, owner_ids uuid[], lim integer,
+                                                     visibilities text[], locked_owner uuid, clip_model text)
+RETURNS TABLE (asset_id uuid, distance float8) LANGUAGE plpgsql STABLE
+SET enable_sort = off SET enable_seqscan = off AS $$
 #variable_conflict use_column
 BEGIN
   -- filters apply after the HNSW scan; let pgvector (>= 0.8) keep scanning until enough rows pass them
@@ -135,17 +239,43 @@ BEGIN
     NULL;
   END;
   RETURN QUERY
-  WITH nearest AS (
-    SELECT c.asset_id, (c.embedding <=> query_embedding)::float8 AS distance
+    SELECT c.asset_id, (c.embedding <=> query_embedding)::float8
       FROM cnai.clip c JOIN public.asset a ON a.id = c.asset_id
      WHERE cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
                                 owner_ids, visibilities, locked_owner)
        AND (clip_model IS NULL OR c.model = clip_model)
      ORDER BY c.embedding <=> query_embedding
-     LIMIT lim
-  )
-  SELECT n.asset_id, n.distance, (row_number() OVER (ORDER BY n.distance, n.asset_id))::integer
-    FROM nearest n ORDER BY n.distance, n.asset_id;
+     LIMIT lim;
+END $$;
+
+-- clip_model: only embeddings of this model (cnai.clip.model), as a query embedded by one model means nothing
+-- next to another model's vectors.
+CREATE OR REPLACE FUNCTION cnai.search_clip(query_embedding vector, owner_ids uuid[], lim integer,
+                                            visibilities text[] DEFAULT NULL, locked_owner uuid DEFAULT NULL,
+                                            clip_model text DEFAULT NULL)
+RETURNS TABLE (asset_id uuid, distance float8, clip_rank integer) LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+  exact_below integer := cnai.clip_exact_below();
+BEGIN
+  IF (SELECT count(*) FROM (SELECT FROM public.asset a WHERE a."ownerId" = ANY (owner_ids) LIMIT exact_below) n)
+     < exact_below THEN
+    RETURN QUERY
+      SELECT n.asset_id, n.distance, (row_number() OVER (ORDER BY n.distance, n.asset_id))::integer
+        FROM (SELECT c.asset_id, (c.embedding <=> query_embedding)::float8 AS distance
+                FROM public.asset a JOIN cnai.clip c ON c.asset_id = a.id
+               WHERE a."ownerId" = ANY (owner_ids)
+                 AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                          owner_ids, visibilities, locked_owner)
+                 AND (clip_model IS NULL OR c.model = clip_model)) n
+       ORDER BY n.distance, n.asset_id
+       LIMIT lim;
+    RETURN;
+  END IF;
+  RETURN QUERY
+    SELECT n.asset_id, n.distance, (row_number() OVER (ORDER BY n.distance, n.asset_id))::integer
+      FROM cnai.clip_nearest_indexed(query_embedding, owner_ids, lim, visibilities, locked_owner, clip_model) n
+     ORDER BY n.distance, n.asset_id;
 END $$;
 
 CREATE OR REPLACE FUNCTION cnai.search(query text, query_embedding vector DEFAULT NULL, owner_ids uuid[] DEFAULT NULL,
@@ -186,8 +316,10 @@ BEGIN
        ORDER BY s.ocr_rank OFFSET offset_ LIMIT lim;
     RETURN;
   END IF;
-  -- each branch contributes its top 2x the page (as Supabase's and ParadeDB's hybrid search do)
-  branch := least(2 * (lim + offset_), 2000);
+  -- each branch contributes as deep as the page reaches. Twice that depth (as Supabase's and ParadeDB's hybrid
+  -- search take) doubled the CLIP branch's cost on a large library and changed 2-11 of a page's 100 results
+  -- (bench/search_scale.py prints the overlap).
+  branch := least(lim + offset_, 2000);
   RETURN QUERY
     SELECT coalesce(o.asset_id, c.asset_id),
            coalesce(ocr_weight / (rrf_k + o.ocr_rank), 0) + coalesce(clip_weight / (rrf_k + c.clip_rank), 0),
