@@ -97,9 +97,6 @@ class MeteredPool:
         finally:
             self._seconds.labels(key, priority.name.lower()).observe(time.perf_counter() - started)
 
-    async def run_many(self, key: str, items: list, priority: Priority = Priority.BACKGROUND) -> list:
-        return await asyncio.gather(*(self.run(key, it, priority) for it in items), return_exceptions=True)
-
 
 class ServiceMetrics:
     """One process's metrics page. `pool` is what the gateway and listener must be given, so their waits are timed;
