@@ -10,6 +10,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cnai.wiring import build_gateway, build_pool
 from gateway.app import Gateway, GatewayConfig
+from inference import images
 from inference.ocr import OcrResult
 from inference.pool import ModelPool
 from tests.conftest import listener_settings, make_asset, make_user, render_text, running_listener, wait_for
@@ -49,6 +50,38 @@ async def test_gateway_and_listener_share_one_ocr_run_per_photo(db, dsn, photo_d
         stats = pool.stats()["ocr"]
         assert stats.items == 2, stats          # two photos, two model runs (four requests)
         assert stats.cache_hits + stats.singleflight_joins == 2, stats
+    finally:
+        await pool.close()
+
+
+async def test_listener_decodes_no_preview_whose_results_are_all_shared(db, dsn, photo_dir, monkeypatch):
+    """A job whose result Immich's request already computed reads the file (its digest names the result) but
+    never decodes it; a photo the pool has not seen is decoded once."""
+    decoded: list[int] = []
+    decode = images.decode_image
+
+    def counting_decode(data: bytes):
+        decoded.append(len(data))
+        return decode(data)
+    monkeypatch.setattr(images, "decode_image", counting_decode)
+    settings = listener_settings(["ocr"], batch_size=4)
+    pool = build_pool(settings)
+    shared = save(render_text(["增值税发票"]), photo_dir / "a.jpg")
+    unseen = save(render_text(["海边日落"]), photo_dir / "b.jpg")
+    owner = await make_user(db)
+    try:
+        async with TestClient(TestServer(build_gateway(pool, settings).app())) as client:
+            assert "发票" in "".join(await predict_ocr(client, shared))
+        assert decoded == [shared.stat().st_size]  # the gateway's
+        a = await make_asset(db, owner, shared)
+        async with running_listener(dsn, pool, settings):
+            await wait_for(lambda: db.fetchval("SELECT count(*) = 1 FROM cnai.ocr"), timeout=90)
+            assert decoded == [shared.stat().st_size]
+            await make_asset(db, owner, unseen)
+            await wait_for(lambda: db.fetchval("SELECT count(*) = 2 FROM cnai.ocr"), timeout=90)
+        assert decoded == [shared.stat().st_size, unseen.stat().st_size]
+        assert "发票" in await db.fetchval("SELECT text FROM cnai.ocr WHERE asset_id = $1", a)
+        assert pool.stats()["ocr"].items == 2
     finally:
         await pool.close()
 
