@@ -11,6 +11,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from cnai.wiring import build_gateway, build_pool
 from gateway.app import Gateway, GatewayConfig
 from inference import images
+from inference.cache import content_digest
 from inference.ocr import OcrResult
 from inference.pool import ModelPool
 from tests.conftest import listener_settings, make_asset, make_user, render_text, running_listener, wait_for
@@ -22,13 +23,25 @@ def save(img, path):
     return path
 
 
+def digest(path) -> str:
+    return content_digest(path.read_bytes())
+
+
 async def predict_ocr(client, path) -> list[str]:
     r = await client.post("/predict", data=immich_form(OCR_ENTRIES, path.read_bytes()))
     assert r.status == 200, await r.text()
     return (await r.json())["ocr"]["text"]
 
 
-async def test_gateway_and_listener_share_one_ocr_run_per_photo(db, dsn, photo_dir):
+async def test_gateway_and_listener_share_one_ocr_run_per_photo(db, dsn, photo_dir, monkeypatch):
+    """And a job whose result is shared reads the file (its digest names the result) but never decodes it."""
+    decoded: list[str] = []
+    decode = images.decode_image
+
+    def counting_decode(data: bytes):
+        decoded.append(content_digest(data))
+        return decode(data)
+    monkeypatch.setattr(images, "decode_image", counting_decode)
     settings = listener_settings(["ocr"], batch_size=4)
     pool = build_pool(settings)
     gateway_first = save(render_text(["增值税发票"]), photo_dir / "a.jpg")
@@ -41,47 +54,17 @@ async def test_gateway_and_listener_share_one_ocr_run_per_photo(db, dsn, photo_d
             a = await make_asset(db, owner, gateway_first)
             async with running_listener(dsn, pool, settings):
                 await wait_for(lambda: db.fetchval("SELECT count(*) = 1 FROM cnai.ocr"), timeout=90)
+                assert decoded == [digest(gateway_first)]  # the gateway's; the listener's job did not decode
                 # the listener first for the other: Immich's request then finds the result
                 b = await make_asset(db, owner, listener_first)
                 await wait_for(lambda: db.fetchval("SELECT count(*) = 2 FROM cnai.ocr"), timeout=90)
+            assert decoded == [digest(gateway_first), digest(listener_first)]
             assert "日落" in "".join(await predict_ocr(client, listener_first))
         texts = {r["asset_id"]: json.loads(r["lines"]) for r in await db.fetch("SELECT asset_id, lines FROM cnai.ocr")}
         assert "发票" in "".join(ln["text"] for ln in texts[a]) and "日落" in "".join(ln["text"] for ln in texts[b])
         stats = pool.stats()["ocr"]
         assert stats.items == 2, stats          # two photos, two model runs (four requests)
         assert stats.cache_hits + stats.singleflight_joins == 2, stats
-    finally:
-        await pool.close()
-
-
-async def test_listener_decodes_no_preview_whose_results_are_all_shared(db, dsn, photo_dir, monkeypatch):
-    """A job whose result Immich's request already computed reads the file (its digest names the result) but
-    never decodes it; a photo the pool has not seen is decoded once."""
-    decoded: list[int] = []
-    decode = images.decode_image
-
-    def counting_decode(data: bytes):
-        decoded.append(len(data))
-        return decode(data)
-    monkeypatch.setattr(images, "decode_image", counting_decode)
-    settings = listener_settings(["ocr"], batch_size=4)
-    pool = build_pool(settings)
-    shared = save(render_text(["增值税发票"]), photo_dir / "a.jpg")
-    unseen = save(render_text(["海边日落"]), photo_dir / "b.jpg")
-    owner = await make_user(db)
-    try:
-        async with TestClient(TestServer(build_gateway(pool, settings).app())) as client:
-            assert "发票" in "".join(await predict_ocr(client, shared))
-        assert decoded == [shared.stat().st_size]  # the gateway's
-        a = await make_asset(db, owner, shared)
-        async with running_listener(dsn, pool, settings):
-            await wait_for(lambda: db.fetchval("SELECT count(*) = 1 FROM cnai.ocr"), timeout=90)
-            assert decoded == [shared.stat().st_size]
-            await make_asset(db, owner, unseen)
-            await wait_for(lambda: db.fetchval("SELECT count(*) = 2 FROM cnai.ocr"), timeout=90)
-        assert decoded == [shared.stat().st_size, unseen.stat().st_size]
-        assert "发票" in await db.fetchval("SELECT text FROM cnai.ocr WHERE asset_id = $1", a)
-        assert pool.stats()["ocr"].items == 2
     finally:
         await pool.close()
 
