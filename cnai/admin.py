@@ -117,6 +117,25 @@ async def job_counts(conn: asyncpg.Connection) -> list[tuple[str, str, int]]:
     return [(r["task"], r["state"], r["n"]) for r in rows]
 
 
+@dataclass
+class ActiveJobs:
+    counts: list          # (task, state, n) for every task, queued (the intake included) and running
+    oldest_queued: dict   # task -> age in seconds of its oldest queued job, for tasks with queued work
+
+
+async def active_jobs(conn: asyncpg.Connection) -> ActiveJobs:
+    """Queued and running jobs per task, and each task's oldest queued age, for `/metrics` (read every few seconds):
+    through the queued and running jobs' partial indexes only, so its cost follows the work waiting, not the
+    finished history cnai.job keeps for a week (job_counts reads that, for `cnai status`)."""
+    rows = await conn.fetch(
+        """SELECT d.task, d.queued,
+                  (SELECT count(*) FROM cnai.job j WHERE j.state = 'running' AND j.task = d.task) AS running,
+                  extract(epoch FROM now() - d.oldest)::float8 AS age
+             FROM cnai.queue_depth() d ORDER BY d.task""")
+    return ActiveJobs([(r["task"], state, r[state]) for r in rows for state in ("queued", "running")],
+                      {r["task"]: r["age"] for r in rows if r["age"] is not None})
+
+
 async def oldest_queued_ages(conn: asyncpg.Connection) -> dict[str, float]:
     """Per task with queued work, the age in seconds of its oldest queued job (or intake row)."""
     rows = await conn.fetch("SELECT task, extract(epoch FROM now() - oldest)::float8 AS age FROM cnai.queue_depth() "

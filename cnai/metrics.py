@@ -32,7 +32,7 @@ JOB_OUTCOMES = ("done", "failed", "retried", "deferred")
 
 @dataclass
 class QueueSnapshot:
-    counts: list[tuple[str, str, int]] = field(default_factory=list)  # (task, state, n)
+    counts: list[tuple[str, str, int]] = field(default_factory=list)  # (task, queued|running, n)
     oldest_s: dict[str, float] = field(default_factory=dict)
     expired_leases: int = 0
 
@@ -62,8 +62,8 @@ class QueueReader:
                     self._conn = await asyncpg.connect(
                         self.dsn, timeout=5, command_timeout=10,
                         server_settings={"default_transaction_read_only": "on", "application_name": "cnai-metrics"})
-                self.snapshot = QueueSnapshot(await admin.job_counts(self._conn),
-                                              await admin.oldest_queued_ages(self._conn),
+                active = await admin.active_jobs(self._conn)
+                self.snapshot = QueueSnapshot(active.counts, active.oldest_queued,
                                               await admin.expired_leases(self._conn))
                 self.up = True
             except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
@@ -96,9 +96,6 @@ class MeteredPool:
             return await self._pool.run(key, item, priority, content=content)
         finally:
             self._seconds.labels(key, priority.name.lower()).observe(time.perf_counter() - started)
-
-    async def run_many(self, key: str, items: list, priority: Priority = Priority.BACKGROUND) -> list:
-        return await asyncio.gather(*(self.run(key, it, priority) for it in items), return_exceptions=True)
 
 
 class ServiceMetrics:
@@ -203,8 +200,8 @@ class ServiceCollector:
         snapshot = queue.snapshot
         if snapshot is None:
             return
-        jobs = GaugeMetricFamily("cnai_queue_jobs", "Jobs by task and state (queued includes the trigger's intake)",
-                                 labels=["task", "state"])
+        jobs = GaugeMetricFamily("cnai_queue_jobs", "Jobs queued (the trigger's intake included) or running, by "
+                                 "task and state; finished jobs are counted by cnai_jobs", labels=["task", "state"])
         for task, state, n in sorted(snapshot.counts):
             jobs.add_metric([task, state], n)
         yield jobs

@@ -5,6 +5,10 @@ file itself. As in Immich's external libraries, a file is identified by its path
 two paths is two assets, each deleted with its own file. A changed file (new size or mtime) updates its preview
 row (re-indexing it); a removed file deletes its asset (and, by cascade, its results); an unchanged one is
 neither read nor written, so a rescan costs a stat per file.
+
+A new or changed file is imported once two looks, `settle_s` apart, saw the same size and mtime: a photo still being
+copied in is indexed once, complete. A folder that is gone or empty while it has assets is taken for an unmounted
+share (as Immich marks such files offline): its assets are kept, and removals resume once it has files again.
 """
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ import hashlib
 import logging
 import os
 import stat
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
 
 from inference.images import DECODABLE_SUFFIXES
+from listener.worker import root_is_missing
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +32,8 @@ LOCAL_USER_EMAIL = "cnai@localhost"
 # Immich's external libraries: checksum = sha1("path:" + path), so the (owner, checksum) key is one row per path
 PATH_CHECKSUM_ALGORITHM = "sha1-path"
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+# between the two looks at a new or changed file; a copy that stalls longer is imported, then imported again
+SETTLE_S = 1.0
 
 
 def is_image(path: Path) -> bool:
@@ -45,12 +53,31 @@ def modified_at(st: os.stat_result) -> datetime:
 class WatchState:
     """What one watching process remembers between rescans: the size and mtime of each file when last seen
     imported (the asset records the mtime only, so a size change under an unchanged mtime is caught within a
-    process), and the problems already logged, so each is logged once rather than at every rescan."""
+    process), files waiting for their second look, whether the folder looks unmounted, and the problems already
+    logged, so each is logged once rather than at every rescan."""
 
-    def __init__(self) -> None:
+    def __init__(self, settle_s: float = SETTLE_S) -> None:
+        if settle_s < 0:
+            raise ValueError(f"settle_s must be 0 or more seconds, got {settle_s}")
+        self.settle_s = settle_s
         self.seen: dict[str, tuple[int, int]] = {}
+        self.settling: dict[str, tuple[tuple[int, int], float]] = {}  # path -> (size, mtime) and when first seen so
+        self.unmounted = False
         self.problems: dict[str, str] = {}
         self.ignored: set[str] = set()
+
+    def settled(self, path: str, st: os.stat_result) -> bool:
+        """Whether an earlier look, at least settle_s ago, saw this size and mtime (the file is not being written);
+        otherwise this look is remembered for the next."""
+        stamp, now = (st.st_size, st.st_mtime_ns), time.monotonic()
+        first = self.settling.get(path)
+        if first is not None and first[0] == stamp:
+            if now - first[1] < self.settle_s:
+                return False
+            del self.settling[path]
+            return True
+        self.settling[path] = (stamp, now)
+        return False
 
     def ignore(self, path: str) -> None:
         """A file that is not an image the decoder reads: logged once (at debug), so a person can find out why."""
@@ -71,7 +98,20 @@ class WatchState:
 
     def forget(self, path: str) -> None:
         self.seen.pop(path, None)
+        self.settling.pop(path, None)
         self.problems.pop(path, None)
+
+    def mount_state(self, root: Path, missing: bool, assets: int) -> bool:
+        """Whether `root` is to be taken for unmounted (gone or empty while it has assets); logs each change once."""
+        if missing and assets and not self.unmounted:
+            self.unmounted = True
+            log.warning("watch folder %s is missing or empty, but %d asset(s) come from it: taking it for an "
+                        "unmounted share and keeping them until it has files again (to remove them all, leave "
+                        "any file in it, e.g. .keep)", root, assets)
+        elif self.unmounted and not missing:
+            self.unmounted = False
+            log.warning("watch folder %s has files again: following its changes", root)
+        return self.unmounted
 
     def report(self, path: str, problem: str) -> None:
         if self.problems.get(path) != problem:
@@ -128,8 +168,9 @@ async def local_user(conn: asyncpg.Connection) -> object:
 
 async def import_file(conn: asyncpg.Connection, owner, path: Path, state: WatchState | None = None,
                       st: os.stat_result | None = None) -> object | None:
-    """Create or refresh the asset for one file. Returns its id, or None if it is gone or could not be imported
-    (logged once in `state`). A file whose size and mtime are unchanged is not written."""
+    """Create or refresh the asset for one file. Returns its id, or None if it is gone, could not be imported
+    (logged once in `state`), or is new or changed and not yet settled (`state.settled`: call again after
+    `state.settle_s`). A file whose size and mtime are unchanged is not written."""
     state = state or WatchState()
     key = asset_path(path)
     checksum = path_checksum(key)
@@ -141,6 +182,8 @@ async def import_file(conn: asyncpg.Connection, owner, path: Path, state: WatchS
                                   owner, checksum)
         if row and state.unchanged(key, st, row["fileModifiedAt"]):
             return row["id"]
+        if not state.settled(key, st):
+            return None
         with open(key, "rb"):  # an asset for a file nobody can read would only collect failed jobs
             pass
         mtime = modified_at(st)
@@ -201,12 +244,15 @@ async def adopt_content_checksum(conn: asyncpg.Connection, asset_id, path: str, 
 
 
 async def sync_folder(conn: asyncpg.Connection, folder: Path, state: WatchState | None = None) -> None:
-    """Make the local user's assets under `folder` match its image files."""
+    """Make the local user's assets under `folder` match its image files: a new or changed file once it has
+    settled (two looks `state.settle_s` apart, the second one here after a wait, if it was not taken before)."""
     state = state or WatchState()
     owner = await local_user(conn)
     root = folder.resolve()
+    loop = asyncio.get_running_loop()
     ignored: list[str] = []
-    present, problems = await asyncio.get_running_loop().run_in_executor(None, scan_folder, root, ignored)
+    missing = await loop.run_in_executor(None, root_is_missing, root)
+    present, problems = await loop.run_in_executor(None, scan_folder, root, ignored)
     for path in ignored:
         state.ignore(path)
     for path, problem in problems.items():
@@ -221,11 +267,18 @@ async def sync_folder(conn: asyncpg.Connection, folder: Path, state: WatchState 
         if r["checksumAlgorithm"] != PATH_CHECKSUM_ALGORITHM:
             stored_mtime = await adopt_content_checksum(conn, r["id"], path, r["checksum"], present.get(path))
         known[path] = (r["id"], stored_mtime)
+    if state.mount_state(root, missing, len(known)):
+        return
+    looked = []
     for path in sorted(present):
         st = present[path]
         if path in known and state.unchanged(path, st, known[path][1]):
             continue
         await import_file(conn, owner, Path(path), state, st)
+        looked.append(path)
+    if any(path in state.settling for path in looked):
+        await asyncio.sleep(state.settle_s)
+        await settle_files(conn, owner, state, looked)
     # a file that could not be read, or lies in a folder that could not be listed, may still be there
     unreadable = [Path(p) for p in problems]
     gone = [(path, asset_id) for path, (asset_id, _) in known.items()
@@ -240,40 +293,71 @@ async def sync_folder(conn: asyncpg.Connection, folder: Path, state: WatchState 
         del state.problems[path]
 
 
-async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event, rescan_s: float = 60.0) -> None:
+async def settle_files(conn: asyncpg.Connection, owner, state: WatchState, paths=None) -> None:
+    """Look again at files waiting for their second look (those of `paths`, or all): import what settled."""
+    for path in sorted(state.settling if paths is None else set(paths) & set(state.settling)):
+        await import_file(conn, owner, Path(path), state)
+
+
+async def watch_folder(dsn: str, folder: Path, stop: asyncio.Event, rescan_s: float = 60.0,
+                       settle_s: float = SETTLE_S) -> None:
     """Import what is in `folder`, then follow changes. File events are hints, the folder is the truth: a full
     rescan runs once the watcher is up (closing the gap between the first scan and the watch) and every
-    `rescan_s` after, so a missed event delays a photo, never loses it."""
+    `rescan_s` after, so a missed event delays a photo, never loses it. While the folder looks unmounted it is
+    rescanned every second, and watched afresh once it has files again (a watch on a mount point's folder sees
+    nothing of a share mounted on it later)."""
     from watchfiles import awatch
 
     folder.mkdir(parents=True, exist_ok=True)
     root = folder.resolve()
-    state = WatchState()
+    state = WatchState(settle_s)
     conn = await asyncpg.connect(dsn)
+    loop = asyncio.get_running_loop()
     try:
         await sync_folder(conn, root, state)
         owner = await local_user(conn)
         log.info("watching %s for photos", root)
-        last_scan = None
-        async for changes in awatch(root, stop_event=stop, debounce=500, recursive=True,
-                                    rust_timeout=1000, yield_on_timeout=True):
-            now = asyncio.get_running_loop().time()
-            if not changes:
-                if last_scan is None or now - last_scan >= rescan_s:
-                    await sync_folder(conn, root, state)
-                    last_scan = now
+        while not stop.is_set():
+            if state.unmounted:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if not await loop.run_in_executor(None, root_is_missing, root):  # a stat, not a rescan
+                        await sync_folder(conn, root, state)
                 continue
-            # the event says which path to look at, the file system says what happened to it (a file replaced
-            # by a rename may report "deleted" after "added" in one batch)
-            for raw in sorted({raw for _, raw in changes}):
-                path = Path(raw)
-                if not is_image(path):
-                    if path.is_file():
-                        state.ignore(str(path))
-                    continue
-                if os.path.exists(path):
-                    await import_file(conn, owner, path, state)
-                else:
-                    await remove_file(conn, owner, path, state)
+            last_scan = None
+            try:
+                async for changes in awatch(root, stop_event=stop, debounce=500, recursive=True,
+                                            rust_timeout=1000, yield_on_timeout=True):
+                    if changes:
+                        await _follow(conn, owner, root, state, changes)
+                    elif last_scan is None or loop.time() - last_scan >= rescan_s:
+                        await sync_folder(conn, root, state)
+                        last_scan = loop.time()
+                    if state.unmounted:
+                        break  # watched afresh once it is back
+                    await settle_files(conn, owner, state)
+            except FileNotFoundError:  # the folder, with no assets from it, was removed before the watch began
+                state.unmounted = True
     finally:
         await conn.close()
+
+
+async def _follow(conn: asyncpg.Connection, owner, root: Path, state: WatchState, changes) -> None:
+    # the event says which path to look at, the file system says what happened to it (a file replaced by a
+    # rename may report "deleted" after "added" in one batch)
+    for raw in sorted({raw for _, raw in changes}):
+        path = Path(raw)
+        if not is_image(path):
+            if path.is_file():
+                state.ignore(str(path))
+            continue
+        if os.path.exists(path):
+            await import_file(conn, owner, path, state)
+        elif await asyncio.get_running_loop().run_in_executor(None, root_is_missing, root):
+            # every file gone at once: an unmount, or the folder removed; the rescan decides, keeping the assets
+            await sync_folder(conn, root, state)
+            if state.unmounted:
+                return
+        else:
+            await remove_file(conn, owner, path, state)

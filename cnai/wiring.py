@@ -135,18 +135,6 @@ def build_front(pool: ModelPool, settings: Settings, dsn: str) -> Front:
     return Front(pool, config, FrontDatabase(dsn, settings.front_timeout_s))
 
 
-async def immich_clip_model(conn) -> str:
-    """The CLIP model Immich is configured to use (system-config JSON), or its default."""
-    return await conn.fetchval("SELECT cnai.immich_clip_model()")
-
-
-async def mirror_clip_to_immich(conn, settings: Settings) -> bool:
-    """Whether CLIP results may fill smart_search too right now: Immich's CLIP model is one our gateway answers with
-    the same cn-clip model, and the column has our dimension (never mix two models' vectors in one column). The
-    listener re-checks this in every batch, as Immich's model can change while cnai runs."""
-    return await conn.fetchval("SELECT cnai.smart_search_mirror_ok($1)", settings.clip_serve_as)
-
-
 def clip_start_problem(pool: ModelPool, settings: Settings, serving: bool) -> str | None:
     """Why the service must not start with these CLIP settings, or None.
 

@@ -118,6 +118,21 @@ def _check_size(width: int, height: int) -> None:
 
 
 def decode_image(data: bytes) -> Image.Image:
+    img = _open_checked(data)
+    try:
+        img.load()  # decode now, so truncated files fail here and not later in a model thread
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageDecodeError(f"corrupt or truncated image{DETAIL_SEPARATOR}{e}") from e
+    return img.convert("RGB")
+
+
+def decoded_size(data: bytes) -> tuple[int, int]:
+    """The (width, height) decode_image's image has, from the file's header alone (no pixel is decoded)."""
+    return _open_checked(data).size
+
+
+def _open_checked(data: bytes) -> Image.Image:
+    """The image opened from its header, checked, and set to decode at the scale decode_image uses."""
     if not data:
         raise ImageDecodeError("image is empty (0 bytes)")
     fmt = _sniff_format(data)
@@ -139,11 +154,7 @@ def decode_image(data: bytes) -> Image.Image:
     if isinstance(img, JpegImageFile) and max(img.size) > DRAFT_ABOVE:
         k = DRAFT_MIN_SIDE / max(img.size)
         img.draft("RGB", (max(1, round(img.width * k)), max(1, round(img.height * k))))
-    try:
-        img.load()  # decode now, so truncated files fail here and not later in a model thread
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageDecodeError(f"corrupt or truncated image{DETAIL_SEPARATOR}{e}") from e
-    return img.convert("RGB")
+    return img
 
 
 def decode_with_digest(data: bytes) -> tuple[Image.Image, str]:

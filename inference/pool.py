@@ -171,6 +171,22 @@ class ModelPool:
         flight.fut.add_done_callback(lambda f: self._landed(shared_key, flight))
         return await self._await(lane, item, flight, owner=True)
 
+    def stored_result(self, key: str, item: Any, content: Hashable) -> tuple[bool, Any]:
+        """(True, result) when run(key, item, content=content) would be answered from a stored result, else
+        (False, None); nothing is run. Only the item's options (the model's `options_key`) are read, so a caller
+        may leave the content out of it (e.g. an image not decoded yet)."""
+        lane = self._lane(key)
+        options_key = getattr(lane.model, "options_key", None)
+        if not self.results.enabled or options_key is None:
+            return False, None
+        options = options_key(item)
+        if options is None:
+            return False, None
+        hit, value = self.results.get((key, content, options))
+        if hit:
+            lane.stats.cache_hits += 1
+        return hit, value
+
     async def _await(self, lane: _Lane, item: Any, flight: _Flight, owner: bool) -> Any:
         """Wait for the flight's result; the owner first places the item in the lane's queue."""
         flight.waiters += 1

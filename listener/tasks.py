@@ -1,4 +1,4 @@
-"""What each task does with a decoded preview: which model to run, and how its output is written."""
+"""What each task does with a preview: which model to run on its image, and how its output is written."""
 from __future__ import annotations
 
 import json
@@ -27,15 +27,18 @@ class TaskHandler:
     # the install's model for this task, recorded in cnai.task_run with every result: `cnai backfill` compares it
     model_name: str = ""
 
-    def request(self, image: Image.Image) -> Any:
+    def request(self, image: Image.Image | None) -> Any:
+        """What the model is asked; None for the image gives its options alone (ModelPool.stored_result)."""
         return image
 
-    async def write(self, conn: asyncpg.Connection, asset_id, image: Image.Image, output: Any) -> None:
-        """Write the result and record that the task ran, both in the caller's transaction (the batch's)."""
-        await self.write_result(conn, asset_id, image, output)
+    async def write(self, conn: asyncpg.Connection, asset_id, size: tuple[int, int] | None, output: Any) -> None:
+        """Write the result and record that the task ran, both in the caller's transaction (the batch's). `size`:
+        the (width, height) of the image the output was computed on."""
+        await self.write_result(conn, asset_id, size, output)
         await conn.execute("SELECT cnai.record_task_run($1, $2, $3)", asset_id, self.task, self.model_name)
 
-    async def write_result(self, conn: asyncpg.Connection, asset_id, image: Image.Image, output: Any) -> None:
+    async def write_result(self, conn: asyncpg.Connection, asset_id, size: tuple[int, int] | None,
+                           output: Any) -> None:
         raise NotImplementedError
 
 
@@ -45,10 +48,10 @@ class OcrHandler(TaskHandler):
     rec_min_score: float = defaults.OCR_REC_MIN_SCORE_CONFIGURED
     max_resolution: int = defaults.OCR_MAX_RESOLUTION
 
-    def request(self, image: Image.Image) -> OcrRequest:
+    def request(self, image: Image.Image | None) -> OcrRequest:
         return OcrRequest(image, self.det_min_score, self.rec_min_score, self.max_resolution)
 
-    async def write_result(self, conn, asset_id, image, output: OcrResult) -> None:
+    async def write_result(self, conn, asset_id, size, output: OcrResult) -> None:
         lines = [{"text": ln.text, "box": ln.box, "box_score": ln.box_score, "text_score": ln.text_score}
                  for ln in output.lines]
         # a photo without text still gets a row: "no text" is a result, and it must replace old text
@@ -66,7 +69,7 @@ class ClipHandler(TaskHandler):
     smart_search_names: tuple[str, ...] = ()
     smart_search_failures: int = field(default=0, init=False, repr=False)
 
-    async def write_result(self, conn, asset_id, image, output) -> None:
+    async def write_result(self, conn, asset_id, size, output) -> None:
         vec = vector_literal(output)
         await conn.execute(
             """INSERT INTO cnai.clip (asset_id, model, embedding, updated_at) VALUES ($1, $2, $3::vector, now())
@@ -94,10 +97,10 @@ class ClipHandler(TaskHandler):
 class FaceHandler(TaskHandler):
     min_score: float = defaults.FACE_MIN_SCORE
 
-    def request(self, image: Image.Image):
+    def request(self, image: Image.Image | None):
         return (image, self.min_score)
 
-    async def write_result(self, conn, asset_id, image, output) -> None:
+    async def write_result(self, conn, asset_id, size, output) -> None:
         # replace the asset's faces atomically (we are inside the batch's transaction)
         await conn.execute("DELETE FROM cnai.face WHERE asset_id = $1", asset_id)
         if output:
@@ -105,4 +108,4 @@ class FaceHandler(TaskHandler):
                 """INSERT INTO cnai.face (asset_id, x1, y1, x2, y2, score, embedding, image_width, image_height, model)
                    VALUES ($1, $2, $3, $4, $5, $6, $7::vector, $8, $9, $10)""",
                 [(asset_id, float(f.x1), float(f.y1), float(f.x2), float(f.y2), float(f.score),
-                  vector_literal(f.embedding), image.width, image.height, self.model_name) for f in output])
+                  vector_literal(f.embedding), size[0], size[1], self.model_name) for f in output])

@@ -21,7 +21,9 @@ from typing import Any
 
 import asyncpg
 
-from inference.images import DETAIL_SEPARATOR, ImageDecodeError, decode_with_digest
+from inference import images
+from inference.cache import content_digest
+from inference.images import DETAIL_SEPARATOR, ImageDecodeError
 from inference.pool import ModelPool, Priority
 from inference.repeated_errors import RepeatedErrorLog
 from inference.runtime import ModelMissingError
@@ -62,7 +64,7 @@ class ListenerConfig:
 # What running one job came to.
 @dataclass
 class Done:
-    image: Any
+    size: tuple[int, int]  # the decoded preview's (width, height), which face boxes are measured on
     output: Any
 
 
@@ -277,10 +279,11 @@ class Listener:
     async def _process(self, jobs: list[Claimed]) -> None:
         try:
             paths = await self._preview_paths([j.asset_id for j in jobs])
-            # one read and decode per preview, shared by the asset's clip/ocr/face jobs
-            decoded: dict = {}
+            # one read per preview, and at most one decode, shared by the asset's clip/ocr/face jobs
+            previews: dict = {}
             gone = (None, "asset no longer exists")
-            outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id, gone), decoded) for j in jobs))
+            outcomes = await asyncio.gather(*(self._run_job(j, paths.get(j.asset_id, gone), previews)
+                                              for j in jobs))
             await self._settle(jobs, outcomes)
         except asyncio.CancelledError:
             # the stop's grace period ran out: hand the batch back now rather than when its leases expire
@@ -318,21 +321,26 @@ class Listener:
         async with self.db.acquire() as conn:
             return await self.queue.preview_paths(conn, asset_ids)
 
-    async def _run_job(self, job: Claimed, preview: tuple, decoded: dict) -> Done | Failed | Deferred:
+    async def _run_job(self, job: Claimed, preview_path: tuple, previews: dict) -> Done | Failed | Deferred:
         handler = self.handlers[job.task]
-        path, skip_reason = preview
+        path, skip_reason = preview_path
         try:
             if path is None:
                 raise PermanentJobError(skip_reason)
             local = map_path(path, self.config.path_map)
-            if local not in decoded:
-                decoded[local] = asyncio.get_running_loop().run_in_executor(
-                    None, _read_image, local, mapped_root(local, self.config.path_map))
-            image, digest = await asyncio.shield(decoded[local])
-            # named by the file's bytes: a result the gateway computed for Immich's request answers this job
+            if local not in previews:
+                previews[local] = asyncio.get_running_loop().run_in_executor(
+                    None, read_preview, local, mapped_root(local, self.config.path_map))
+            preview = await asyncio.shield(previews[local])
+            # named by the file's bytes: a result the gateway computed for Immich's request answers this job, and
+            # then the preview is not decoded at all (the request's content is left out: only its options count)
+            found, output = self.pool.stored_result(handler.model_key, handler.request(None), preview.digest)
+            if found:
+                return Done(await preview.size(), output)
+            image = await preview.image()
             output = await self.pool.run(handler.model_key, handler.request(image), Priority.BACKGROUND,
-                                         content=digest)
-            return Done(image, output)
+                                         content=preview.digest)
+            return Done(image.size, output)
         except asyncio.CancelledError:
             raise
         except StorageUnavailableError as e:
@@ -394,7 +402,7 @@ class Listener:
                 completed = await self.queue.complete(conn, [j.id for j, _ in done])
                 for job, outcome in done:
                     if job.id in completed:
-                        await self.handlers[job.task].write(conn, job.asset_id, outcome.image, outcome.output)
+                        await self.handlers[job.task].write(conn, job.asset_id, outcome.size, outcome.output)
                         outcomes[job.task, "done"] += 1
                 settled |= completed
             if failed:
@@ -450,8 +458,43 @@ def root_is_missing(root: Path) -> bool:
         return True
 
 
-def _read_image(path: Path, root: Path | None = None):
-    """The decoded preview and the digest of its bytes (inference.images.decode_with_digest)."""
+class Preview:
+    """One preview file of a batch: its bytes, read once, and their digest (the pool's name for its content); the
+    image is decoded when a job needs its pixels, once, for all the asset's jobs."""
+
+    def __init__(self, path: Path, data: bytes):
+        self.path = path
+        self.data = data
+        self.digest = content_digest(data)
+        self._image: asyncio.Future | None = None
+
+    async def image(self):
+        if self._image is None:
+            self._image = asyncio.get_running_loop().run_in_executor(None, self.decode)
+        return await asyncio.shield(self._image)
+
+    async def size(self) -> tuple[int, int]:
+        """The decoded image's size: the image's own once decoded, otherwise read from the file's header."""
+        if self._image is not None:
+            return (await self.image()).size
+        try:
+            return images.decoded_size(self.data)
+        except ImageDecodeError as e:
+            raise self._decode_failure(e) from None
+
+    def decode(self):
+        try:
+            return images.decode_image(self.data)
+        except ImageDecodeError as e:
+            raise self._decode_failure(e) from None
+
+    def _decode_failure(self, e: ImageDecodeError) -> PermanentJobError:
+        # a stable reason first, the file after DETAIL_SEPARATOR: `cnai status` groups failures by the reason
+        return PermanentJobError(f"{e}{DETAIL_SEPARATOR if DETAIL_SEPARATOR not in str(e) else ', '}{self.path}")
+
+
+def read_preview(path: Path, root: Path | None = None) -> Preview:
+    """The preview's bytes; a missing file under an empty or missing mapped root is an outage, not the job's fault."""
     # a stable reason first, the file after DETAIL_SEPARATOR: `cnai status` groups failures by the reason
     try:
         data = path.read_bytes()
@@ -463,7 +506,4 @@ def _read_image(path: Path, root: Path | None = None):
         raise PermanentJobError(f"preview path is a directory{DETAIL_SEPARATOR}{path}") from None
     except PermissionError:
         raise PermanentJobError(f"preview file not readable (permission denied){DETAIL_SEPARATOR}{path}") from None
-    try:
-        return decode_with_digest(data)
-    except ImageDecodeError as e:
-        raise PermanentJobError(f"{e}{DETAIL_SEPARATOR if DETAIL_SEPARATOR not in str(e) else ', '}{path}") from None
+    return Preview(path, data)

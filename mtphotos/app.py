@@ -18,8 +18,10 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
+from gateway.form import read_form
+from gateway.protocol import RequestError
 from inference import defaults
 from inference.images import ImageDecodeError, decode_with_digest
 from inference.ocr import OcrRequest
@@ -29,7 +31,7 @@ from inference.runtime import ModelMissingError
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024 * 1024  # one upload; MT Photos sends a photo or its thumbnail
-_CHUNK = 1 << 16
+UPLOAD_FIELD = "file"  # the one form field MT Photos uploads a photo in
 UNAUTHENTICATED = ("/face/check",)  # information only, as in the service MT Photos was built against
 
 
@@ -100,7 +102,7 @@ class MtPhotos:
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def app(self) -> web.Application:
-        # the upload is read by _read_file with its own bound; aiohttp's only guards bodies read elsewhere
+        # the upload is read by _read_file with its own bound (gateway.form); aiohttp's guards bodies read elsewhere
         app = web.Application(client_max_size=self.config.max_body, middlewares=[self._boundary])
         app.router.add_post("/check", self.check)
         app.router.add_post("/ocr", self.ocr)
@@ -122,9 +124,9 @@ class MtPhotos:
             response = await handler(request)
             status = response.status
             return response
-        except HttpError as e:
+        except (HttpError, RequestError) as e:  # ours, and the shared form reader's
             status = e.status
-            return _error(e.status, e.detail)
+            return _error(e.status, str(e.detail))
         except web.HTTPException as e:  # aiohttp's own: unknown route, wrong method, body too large
             status = e.status
             return _error(e.status, e.reason)
@@ -198,28 +200,11 @@ class MtPhotos:
 
     async def _read_file(self, request: web.Request) -> bytes:
         """The multipart `file` field, reading no further than max_body bytes of body."""
-        limit = self.config.max_body
-        too_large = HttpError(413, f"request body is larger than the {limit} byte limit")
-        if request.content_length is not None and request.content_length > limit:
-            raise too_large
-        if not request.content_type.startswith("multipart/"):
-            raise HttpError(400, "send the photo as a multipart form field named 'file'")
-        try:
-            reader = await request.multipart()
-            while (part := await reader.next()) is not None:
-                if not isinstance(part, BodyPartReader):
-                    raise HttpError(400, "nested multipart bodies are not accepted")
-                chunks = []
-                while chunk := await part.read_chunk(_CHUNK):
-                    if request.content.total_bytes > limit:
-                        raise too_large
-                    if part.name == "file":
-                        chunks.append(chunk)
-                if part.name == "file":
-                    return b"".join(chunks)
-        except (ValueError, AssertionError) as e:  # how aiohttp's multipart parser reports a malformed body
-            raise HttpError(400, f"could not read the multipart form: {e}") from None
-        raise HttpError(400, "no 'file' field: send the photo as a multipart form field named 'file'")
+        fields = await read_form(request, (UPLOAD_FIELD,), self.config.max_body, urlencoded=False)
+        if UPLOAD_FIELD not in fields:
+            raise HttpError(400, f"no {UPLOAD_FIELD!r} field: send the photo as a multipart form field named "
+                                 f"{UPLOAD_FIELD!r}")
+        return fields[UPLOAD_FIELD].value
 
 
 def _error(status: int, detail: str) -> web.Response:

@@ -9,7 +9,7 @@ import pytest
 
 from cnai.standalone import sync_folder
 from listener.errors import PermanentJobError
-from listener.worker import _read_image
+from listener.worker import read_preview
 from tests.conftest import make_user, run_cnai
 
 
@@ -19,7 +19,7 @@ def test_unreadable_image_reason_names_no_memory_address_and_is_the_same_for_eve
         path = photo_dir / name
         path.write_bytes(b"this is not a jpeg at all" * 20)
         with pytest.raises(PermanentJobError) as e:
-            _read_image(path)
+            read_preview(path).decode()
         message = str(e.value)
         assert "0x" not in message and "BytesIO" not in message, message
         assert str(path) in message  # the file is still named, after the reason
@@ -34,7 +34,7 @@ async def test_status_groups_failures_by_reason_and_names_the_files(db, dsn, pho
         path = photo_dir / name
         path.write_bytes(b"\x00not an image" * 10)
         try:
-            _read_image(path)
+            read_preview(path).decode()
         except PermanentJobError as e:
             errors.append((path, str(e)))
     for path, error in errors:

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
 from cnai.settings import Settings
-from cnai.wiring import build_gateway, build_pool, mirror_clip_to_immich
+from cnai.wiring import build_gateway, build_pool
 from inference.clip import ClipTextual, ClipVisual
 from tests.clip_fixtures import build_clip, sample_images, save_official, tiny_vit
 from tests.conftest import listener_settings, make_asset, make_user, running_listener, wait_for
@@ -50,6 +50,11 @@ async def run_listener_until(dsn, pool, models_dir, predicate, mirror):
         await wait_for(predicate, timeout=60)
 
 
+async def smart_search_mirror_ok(conn, settings: Settings) -> bool:
+    """What the listener's clip writes decide in SQL per batch: may results fill Immich's smart_search right now."""
+    return await conn.fetchval("SELECT cnai.smart_search_mirror_ok($1)", settings.clip_serve_as)
+
+
 def vec(text: str) -> np.ndarray:
     return np.array(json.loads(text), dtype=np.float32)
 
@@ -63,7 +68,7 @@ async def test_clip_jobs_write_embeddings_and_mirror_to_immich(db, dsn, clip_poo
         im.save(path)
         assets.append(await make_asset(db, owner, path))
     settings = clip_settings(models_dir)
-    mirror = await mirror_clip_to_immich(db, settings)  # no system-config: Immich's default ViT-B-32__openai
+    mirror = await smart_search_mirror_ok(db, settings)  # no system-config: Immich's default ViT-B-32__openai
     assert mirror is True
     await run_listener_until(dsn, clip_pool, models_dir,
                              lambda: db.fetchval("SELECT count(*) = 3 FROM cnai.clip"), mirror)
@@ -84,17 +89,17 @@ async def test_no_mirror_when_immich_uses_another_model_or_dimension(db, models_
                         ON CONFLICT (key) DO UPDATE SET value = excluded.value""",
                      json.dumps({"machineLearning": {"clip": {"enabled": True, "modelName": "ViT-L-14__openai"}}}))
     try:
-        assert await mirror_clip_to_immich(db, settings) is False
+        assert await smart_search_mirror_ok(db, settings) is False
         await db.execute("""UPDATE system_metadata SET value = $1::jsonb WHERE key = 'system-config'""",
                          json.dumps({"machineLearning": {"clip": {"modelName": "immich-app/ViT-B-16__openai"}}}))
-        assert await mirror_clip_to_immich(db, settings) is True
+        assert await smart_search_mirror_ok(db, settings) is True
         # same name but Immich's column was resized for another model: never mix
         tx = db.transaction()
         await tx.start()
         await db.execute("DELETE FROM smart_search")
         await db.execute("DROP INDEX clip_index")
         await db.execute("ALTER TABLE smart_search ALTER COLUMN embedding TYPE vector(640)")
-        assert await mirror_clip_to_immich(db, settings) is False
+        assert await smart_search_mirror_ok(db, settings) is False
         await tx.rollback()
     finally:
         await db.execute("DELETE FROM system_metadata WHERE key = 'system-config'")

@@ -10,10 +10,11 @@ import pytest
 import pytest_asyncio
 
 from cnai.db import migrate
-from cnai.wiring import build_handlers, mirror_clip_to_immich
+from cnai.wiring import build_handlers
 from tests.clip_fixtures import sample_images
 from tests.conftest import make_asset, make_user, running_listener, wait_for
 from tests.test_clip_jobs import clip_pool, clip_settings, models_dir  # noqa: F401  (fixtures)
+from tests.test_clip_jobs import smart_search_mirror_ok
 from tests.test_migrations import fresh_dsn  # noqa: F401  (fixture)
 
 pytest.importorskip("cn_clip")
@@ -138,7 +139,7 @@ async def test_the_decision_is_made_once_per_transaction(mirror_db, models_dir, 
             await handler.write(conn, assets[0], None, vector)
             await set_immich_clip_model(other, "ViT-L-14__openai")  # committed by another session mid-batch
             await handler.write(conn, assets[1], None, vector)
-        assert await mirror_clip_to_immich(conn, clip_settings(models_dir)) is False
+        assert await smart_search_mirror_ok(conn, clip_settings(models_dir)) is False
         async with conn.transaction():
             await handler.write(conn, assets[2], None, vector)
         mirrored = {r[0] for r in await conn.fetch('SELECT "assetId" FROM smart_search')}

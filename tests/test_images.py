@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from inference.images import (ACCEPTED_FORMATS, DECODABLE_SUFFIXES, DRAFT_MIN_SIDE, MAX_PIXELS, ImageDecodeError,
-                              declared_size, decode_image)
+                              declared_size, decode_image, decoded_size)
 from inference.cache import content_digest
 from listener.errors import PermanentJobError
-from listener.worker import _read_image
+from listener.worker import read_preview
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -81,6 +81,15 @@ def test_big_png_is_not_reduced():
     assert decode_image(encode(gradient((5000, 300)), "PNG")).size == (5000, 300)
 
 
+@pytest.mark.parametrize("size, fmt", [((1440, 1080), "JPEG"), ((6000, 3000), "JPEG"), ((640, 480), "WEBP"),
+                                       ((5000, 300), "PNG")])
+def test_decoded_size_from_the_header_is_the_decoded_images(size, fmt):
+    """Face boxes are measured on the decoded image (reduced for a big JPEG): a job answered from a shared result
+    records that size without decoding."""
+    data = encode(gradient(size), fmt)
+    assert decoded_size(data) == decode_image(data).size
+
+
 def test_truncated_jpeg_is_an_error():
     data = encode(gradient((800, 600)), "JPEG", quality=90)
     with pytest.raises(ImageDecodeError, match="truncated"):
@@ -90,9 +99,9 @@ def test_truncated_jpeg_is_an_error():
 def test_listener_reads_files_through_the_same_rules(tmp_path):
     good = tmp_path / "a.webp"
     good.write_bytes(encode(gradient((320, 240)), "WEBP"))
-    image, digest = _read_image(good)
-    assert image.size == (320, 240) and digest == content_digest(good.read_bytes())
+    preview = read_preview(good)
+    assert preview.decode().size == (320, 240) and preview.digest == content_digest(good.read_bytes())
     gif = tmp_path / "b.jpg"  # the suffix does not matter, the bytes do
     gif.write_bytes(encode(gradient((32, 32)), "GIF"))
     with pytest.raises(PermanentJobError, match=f"unsupported image format GIF.*{gif.name}"):
-        _read_image(gif)
+        read_preview(gif).decode()

@@ -38,9 +38,9 @@ class SlowWrite(TaskHandler):
     def request(self, image):
         return self.inner.request(image)
 
-    async def write(self, conn, asset_id, image, output) -> None:
+    async def write(self, conn, asset_id, size, output) -> None:
         await asyncio.sleep(0.01)
-        await self.inner.write(conn, asset_id, image, output)
+        await self.inner.write(conn, asset_id, size, output)
 
 
 class HeldModel(EchoModel):

@@ -1,6 +1,8 @@
 """GET /metrics: the pool's, the gateway's, the listener's and the queue's figures, read when scraped."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,8 +78,10 @@ async def test_queue_and_listener_figures(db, dsn, photo_dir, ocr_pool):
         assert value(found, "cnai_lease_expiries_total") == 0
         # the listener's one readable preview went through the timed pool at background priority
         assert value(found, "cnai_inference_seconds_count", model="ocr", priority="background") == 1
-        assert value(found, "cnai_queue_jobs", task="ocr", state="done") == 1
-        assert value(found, "cnai_queue_jobs", task="ocr", state="failed") == 1
+        # the queue's gauge is the work waiting or under way; finished jobs are cnai_jobs_total's
+        assert value(found, "cnai_queue_jobs", task="ocr", state="queued") == 0
+        assert value(found, "cnai_queue_jobs", task="ocr", state="running") == 0
+        assert value(found, "cnai_queue_jobs", task="ocr", state="done") is None
         assert value(found, "cnai_queue_jobs", task="clip", state="queued") == 2  # nobody serves clip here
         assert {readable, gone} == set(await db.fetchval("SELECT array_agg(asset_id) FROM cnai.job WHERE task = 'ocr'"))
     finally:
@@ -91,3 +95,39 @@ async def test_database_away_is_a_zero_not_an_error(ocr_pool):
     assert value(found, "cnai_queue_up") == 0
     assert not any(name == "cnai_queue_jobs" for name, _ in found)
     await metrics.close()
+
+
+async def job_rows_read(conn) -> int:
+    """Rows of cnai.job every session has read so far, by sequential scans and through its indexes."""
+    await conn.execute("SELECT pg_stat_clear_snapshot()")
+    return await conn.fetchval(
+        """SELECT t.seq_tup_read + coalesce((SELECT sum(i.idx_tup_read) FROM pg_stat_user_indexes i
+                                              WHERE i.relid = t.relid), 0)
+             FROM pg_stat_user_tables t WHERE t.relid = 'cnai.job'::regclass""")
+
+
+async def test_queue_figures_read_the_waiting_work_not_the_finished_history(db, dsn):
+    """/metrics reads the queue every few seconds: what it reads of cnai.job must follow the jobs queued and
+    running, not the week of finished jobs kept (200k photos make over half a million)."""
+    asset = await make_asset(db, await make_user(db), Path("/p/a.jpg"), with_preview=False)
+    await db.execute("""INSERT INTO cnai.job (asset_id, task, state, finished_at)
+                        SELECT $1, 'ocr', CASE WHEN i % 10 = 0 THEN 'failed' ELSE 'done' END, now()
+                          FROM generate_series(1, 5000) i""", asset)
+    await db.execute("INSERT INTO cnai.job (asset_id, task, state) VALUES ($1, 'clip', 'queued')", asset)
+    await db.execute("""INSERT INTO cnai.job (asset_id, task, state, lease_until)
+                        VALUES ($1, 'ocr', 'running', now() + interval '1 minute')""", asset)
+    await db.execute("ANALYZE cnai.job")
+    reader = QueueReader(dsn, min_interval_s=0)
+    try:
+        await reader.refresh()  # connected, and its statements planned once
+        await reader._conn.execute("SELECT pg_stat_force_next_flush()")  # its reads so far are in the statistics
+        before = await job_rows_read(db)
+        await reader.refresh()
+        await reader._conn.execute("SELECT pg_stat_force_next_flush()")
+        read = await job_rows_read(db) - before
+        assert read < 100, f"one read of the queue's figures read {read} rows of cnai.job"
+        assert reader.up and sorted(reader.snapshot.counts) == [
+            ("clip", "queued", 1), ("clip", "running", 0), ("face", "queued", 0), ("face", "running", 0),
+            ("ocr", "queued", 0), ("ocr", "running", 1)]
+    finally:
+        await reader.close()

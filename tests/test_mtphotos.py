@@ -243,6 +243,16 @@ async def test_oversized_upload_is_a_413_before_it_is_read(pool, settings):
         assert r.status == 413 and "limit" in (await r.json())["detail"]
 
 
+async def test_upload_with_the_file_field_twice_is_refused(client):
+    """Which of two photos would be the result's? Neither: a clear 400, as /predict answers a field sent twice."""
+    form = aiohttp.FormData()
+    for color in ("red", "blue"):
+        form.add_field("file", jpeg(Image.new("RGB", (64, 64), color)), filename=f"{color}.jpg",
+                       content_type="image/jpeg")
+    r = await client.post("/clip/img", data=form, headers=HEADERS)
+    assert r.status == 400 and "more than once" in (await r.json())["detail"]
+
+
 async def test_missing_model_is_a_500_naming_it(tmp_path):
     settings = Settings()
     settings.models_dir = tmp_path  # nothing installed

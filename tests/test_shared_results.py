@@ -10,6 +10,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from cnai.wiring import build_gateway, build_pool
 from gateway.app import Gateway, GatewayConfig
+from inference import images
+from inference.cache import content_digest
 from inference.ocr import OcrResult
 from inference.pool import ModelPool
 from tests.conftest import listener_settings, make_asset, make_user, render_text, running_listener, wait_for
@@ -21,13 +23,25 @@ def save(img, path):
     return path
 
 
+def digest(path) -> str:
+    return content_digest(path.read_bytes())
+
+
 async def predict_ocr(client, path) -> list[str]:
     r = await client.post("/predict", data=immich_form(OCR_ENTRIES, path.read_bytes()))
     assert r.status == 200, await r.text()
     return (await r.json())["ocr"]["text"]
 
 
-async def test_gateway_and_listener_share_one_ocr_run_per_photo(db, dsn, photo_dir):
+async def test_gateway_and_listener_share_one_ocr_run_per_photo(db, dsn, photo_dir, monkeypatch):
+    """And a job whose result is shared reads the file (its digest names the result) but never decodes it."""
+    decoded: list[str] = []
+    decode = images.decode_image
+
+    def counting_decode(data: bytes):
+        decoded.append(content_digest(data))
+        return decode(data)
+    monkeypatch.setattr(images, "decode_image", counting_decode)
     settings = listener_settings(["ocr"], batch_size=4)
     pool = build_pool(settings)
     gateway_first = save(render_text(["增值税发票"]), photo_dir / "a.jpg")
@@ -40,9 +54,11 @@ async def test_gateway_and_listener_share_one_ocr_run_per_photo(db, dsn, photo_d
             a = await make_asset(db, owner, gateway_first)
             async with running_listener(dsn, pool, settings):
                 await wait_for(lambda: db.fetchval("SELECT count(*) = 1 FROM cnai.ocr"), timeout=90)
+                assert decoded == [digest(gateway_first)]  # the gateway's; the listener's job did not decode
                 # the listener first for the other: Immich's request then finds the result
                 b = await make_asset(db, owner, listener_first)
                 await wait_for(lambda: db.fetchval("SELECT count(*) = 2 FROM cnai.ocr"), timeout=90)
+            assert decoded == [digest(gateway_first), digest(listener_first)]
             assert "日落" in "".join(await predict_ocr(client, listener_first))
         texts = {r["asset_id"]: json.loads(r["lines"]) for r in await db.fetch("SELECT asset_id, lines FROM cnai.ocr")}
         assert "发票" in "".join(ln["text"] for ln in texts[a]) and "日落" in "".join(ln["text"] for ln in texts[b])

@@ -90,7 +90,7 @@ async def test_a_result_and_its_run_commit_together(db, models_dir, photo_dir): 
     asset = await make_asset(db, await make_user(db), photo_dir / "a.png")
     tx = db.transaction()
     await tx.start()
-    await handler.write(db, asset, Image.new("RGB", (8, 8)), [])
+    await handler.write(db, asset, (8, 8), [])
     assert await db.fetchval("SELECT count(*) FROM cnai.task_run WHERE asset_id = $1", asset) == 1
     await tx.rollback()
     assert await db.fetchval("SELECT count(*) FROM cnai.task_run WHERE asset_id = $1", asset) == 0

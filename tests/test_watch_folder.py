@@ -241,3 +241,104 @@ async def test_watcher_trusts_the_file_system_over_the_event(dsn, db, photo_dir)
 
 async def _gone(db, path: Path) -> bool:
     return str(path) not in await assets(db)
+
+
+async def test_a_photo_caught_half_written_is_imported_once_complete(db, photo_dir):
+    """The first look finds half a photo; it grows before the second look, so it waits: one import, of the whole
+    file (before, the half file was indexed, then the whole one again)."""
+    from cnai.standalone import WatchState
+
+    state = WatchState(settle_s=1.0)
+    photo, data = photo_dir / "p.jpg", photo_bytes("red")
+    photo.write_bytes(data[: len(data) // 2])
+    first_sync = asyncio.create_task(sync_folder(db, photo_dir, state))
+    await wait_for(lambda: _looked_at(state, photo), timeout=30)  # the first look is taken; the second waits
+    with photo.open("ab") as f:
+        f.write(data[len(data) // 2:])
+    await first_sync
+    assert await assets(db) == {}
+    await sync_folder(db, photo_dir, state)
+    assert list(await assets(db)) == [str(photo)]
+    assert (await footprint(db))[2] == 1  # one preview written: one import
+    stored = await db.fetchval('SELECT "fileModifiedAt" FROM asset')
+    assert stored.timestamp() == photo.stat().st_mtime_ns // 1000 / 1e6
+
+
+async def _looked_at(state, path: Path) -> bool:
+    return str(path) in state.settling
+
+
+async def test_an_emptied_or_vanished_folder_keeps_its_assets_until_files_return(db, tmp_path, caplog):
+    """An unmounted share looks like an empty folder (or none): its assets are kept, said once; a folder with
+    files again follows its changes, so a file removed meanwhile goes then."""
+    from cnai.standalone import WatchState
+
+    folder = tmp_path / "share"
+    folder.mkdir()
+    paths = [folder / f"{c}.jpg" for c in ("red", "green")]
+    for p in paths:
+        p.write_bytes(photo_bytes(p.stem))
+    state = WatchState(settle_s=0.05)
+    await sync_folder(db, folder, state)
+    ids = await assets(db)
+    assert set(ids) == {str(p) for p in paths}
+
+    kept = {p: p.read_bytes() for p in paths}
+    with caplog.at_level(logging.WARNING, logger="cnai.standalone"):
+        for p in paths:
+            p.unlink()
+        await sync_folder(db, folder, state)  # empty, as a mount point with nothing mounted
+        assert await assets(db) == ids
+        folder.rmdir()
+        await sync_folder(db, folder, state)  # gone
+        await sync_folder(db, folder, state)
+        assert await assets(db) == ids
+        folder.mkdir()
+        paths[0].write_bytes(kept[paths[0]])  # back, without the green one
+        await sync_folder(db, folder, state)
+    warned = [r.getMessage() for r in caplog.records if "share" in r.getMessage()]
+    assert len(warned) == 2 and "missing or empty" in warned[0] and "files again" in warned[1], warned
+    assert await assets(db) == {str(paths[0]): ids[str(paths[0])]}
+
+    # a single file removed from a folder that still has files is removed as before
+    (folder / "other.jpg").write_bytes(photo_bytes("blue"))
+    await sync_folder(db, folder, state)
+    paths[0].unlink()
+    await sync_folder(db, folder, state)
+    assert list(await assets(db)) == [str(folder / "other.jpg")]
+
+
+async def test_watcher_keeps_the_assets_of_a_folder_emptied_at_once(dsn, db, photo_dir, caplog):
+    """Every file of the folder deleted in one go (the events of an unmount, or of the folder's removal): the
+    watcher keeps the assets, and follows the folder again once photos are back."""
+    stop = asyncio.Event()
+    paths = [photo_dir / f"{c}.jpg" for c in ("red", "green")]
+    for p in paths:
+        p.write_bytes(photo_bytes(p.stem))
+    with caplog.at_level(logging.WARNING, logger="cnai.standalone"):
+        watcher = asyncio.create_task(watch_folder(dsn, photo_dir, stop, rescan_s=3600, settle_s=0.2))
+        try:
+            await wait_for(lambda: _count(db, 2), timeout=30)
+            ids = await assets(db)
+            for p in paths:
+                p.unlink()
+            await wait_for(lambda: _logged(caplog, "missing or empty"), timeout=30)
+            assert await assets(db) == ids
+            back = photo_dir / "back.jpg"
+            back.write_bytes(photo_bytes("blue"))
+            await wait_for(lambda: _count(db, 1), timeout=30)  # the others' files are gone: now they go
+            assert list(await assets(db)) == [str(back)]
+            newer = photo_dir / "newer.jpg"  # and it goes on following the folder
+            newer.write_bytes(photo_bytes("red"))
+            await wait_for(lambda: _count(db, 2), timeout=30)
+        finally:
+            stop.set()
+            await asyncio.wait_for(watcher, 30)
+
+
+async def _count(db, n: int) -> bool:
+    return len(await assets(db)) == n
+
+
+async def _logged(caplog, text: str) -> bool:
+    return any(text in r.getMessage() for r in caplog.records)

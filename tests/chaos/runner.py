@@ -68,8 +68,8 @@ class CountedHandler(TaskHandler):
     def request(self, image):
         return self.inner.request(image)
 
-    async def write(self, conn, asset_id, image, output) -> None:
-        await self.inner.write(conn, asset_id, image, output)
+    async def write(self, conn, asset_id, size, output) -> None:
+        await self.inner.write(conn, asset_id, size, output)
         await conn.execute("INSERT INTO chaos_write (asset_id, task, worker) VALUES ($1, $2, $3)",
                            asset_id, self.task, self.worker)
 
