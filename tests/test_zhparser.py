@@ -7,40 +7,27 @@ extension_control_path: CNAI_TEST_ZHPARSER_CONTROL_PATH names the folder holding
 server's share/tsearch_data, where zhparser looks. They skip without it."""
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import uuid
-from pathlib import Path
 
 import asyncpg
 import pytest
 import pytest_asyncio
 
 from cnai import admin
-from cnai.db import migrate
 from cnai.embedded import EmbeddedServer, bin_dir, scratch_folder
 from tests.conftest import make_user
+from tests.test_admin import fresh_database
 from tests.test_search import add_ocr, ids
 
 CONTROL_PATH = os.environ.get("CNAI_TEST_ZHPARSER_CONTROL_PATH")
 needs_zhparser = pytest.mark.skipif(not CONTROL_PATH, reason="CNAI_TEST_ZHPARSER_CONTROL_PATH names no zhparser build")
 
 
-@contextlib.asynccontextmanager
-async def database_with_zhparser(server):
-    """A new database on `server`, migrated by a connection that reaches the zhparser build; dropped afterwards.
-    Yields its plain DSN: once the extension exists, its functions name their library themselves."""
-    name = f"zh_{uuid.uuid4().hex[:10]}"
-    admin_conn = await asyncpg.connect(server.dsn("postgres"))
-    try:
-        await admin_conn.execute(f"CREATE DATABASE {name}")
-        dsn = server.dsn(name)
-        await migrate(f"{dsn}?extension_control_path=$system:{CONTROL_PATH}", standalone=True)
-        yield dsn
-    finally:
-        await admin_conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await admin_conn.close()
+def database_with_zhparser(server):
+    """A new database on `server`, migrated by a connection that reaches the zhparser build. Its DSN is the plain
+    one: once the extension exists, its functions name their library themselves."""
+    return fresh_database(server, f"?extension_control_path=$system:{CONTROL_PATH}")
 
 
 @pytest_asyncio.fixture
@@ -51,6 +38,13 @@ async def zh_db(pg_server):
             yield conn
         finally:
             await conn.close()
+
+
+def link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
 
 
 @pytest.fixture
@@ -64,7 +58,7 @@ def server_without_dictionary():
         libs = install.parent.parent / f"{install.parent.name}.libs"
         for source, target in ((install, package / install.name), (libs, root / libs.name)):
             if source.exists():
-                shutil.copytree(source, target, copy_function=os.link)
+                shutil.copytree(source, target, copy_function=link_or_copy)
         dictionary = package / install.name / "share" / "tsearch_data" / "dict.utf8.xdb"
         dictionary.unlink(missing_ok=True)
         server = EmbeddedServer(root / "data", bin_path=package / install.name / "bin")
@@ -80,14 +74,19 @@ async def test_without_zhparser_the_doctor_says_absent_and_search_is_bigrams_alo
     assert finding.ok and finding.detail.startswith("absent: not installed"), finding
     assert await db.fetchval("SELECT cnai.zh_words_query('增值税发票')") is None
     assert await db.fetchval("SELECT cnai.zh_words_index()") is None
-    owner = await make_user(db)
-    near = await add_ocr(db, owner, "楼上海景厅")
-    far = await add_ocr(db, owner, "欢迎来到上海浦东国际机场，祝您旅途愉快")
-    await add_ocr(db, owner, "增值税专用发票")
-    # as before zhparser: the shorter text first, and words apart find nothing
-    assert await ids(db, "ocr:上海", [owner]) == [near, far]
-    assert await ids(db, "ocr:增值税发票", [owner]) == []
-    scores = [r["score"] for r in await db.fetch("SELECT score FROM cnai.search('ocr:上海', NULL, $1)", [owner])]
+    await assert_bigrams_alone(db)
+
+
+async def assert_bigrams_alone(conn) -> None:
+    """Search as before zhparser: the shorter text first whether the query is a word of it or not, the scores of
+    bigrams alone, and words apart find nothing."""
+    owner = await make_user(conn)
+    near = await add_ocr(conn, owner, "楼上海景厅")
+    far = await add_ocr(conn, owner, "欢迎来到上海浦东国际机场，祝您旅途愉快")
+    await add_ocr(conn, owner, "增值税专用发票")
+    assert await ids(conn, "ocr:上海", [owner]) == [near, far]
+    assert await ids(conn, "ocr:增值税发票", [owner]) == []
+    scores = [r["score"] for r in await conn.fetch("SELECT score FROM cnai.search('ocr:上海', NULL, $1)", [owner])]
     assert scores == [pytest.approx(0.5 + 0.5 * 2 / 5), pytest.approx(0.5 + 0.5 * 2 / 19)]
 
 
@@ -148,11 +147,6 @@ async def test_a_zhparser_without_its_dictionary_counts_as_absent(server_without
             assert not finding.ok and finding.warning and finding.detail.startswith("dictionary missing"), finding
             assert await conn.fetchval("SELECT cnai.zh_words_query('增值税发票')") is None
             assert await conn.fetchval("SELECT cnai.zh_words_index()") is None
-            owner = await make_user(conn)
-            near = await add_ocr(conn, owner, "楼上海景厅")
-            far = await add_ocr(conn, owner, "欢迎来到上海浦东国际机场，祝您旅途愉快")
-            await add_ocr(conn, owner, "增值税专用发票")
-            assert await ids(conn, "ocr:上海", [owner]) == [near, far]  # bigrams alone
-            assert await ids(conn, "ocr:增值税发票", [owner]) == []
+            await assert_bigrams_alone(conn)
         finally:
             await conn.close()

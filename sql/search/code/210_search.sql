@@ -366,12 +366,6 @@ BEGIN
      WHERE o.asset_id = ANY (asset_ids) AND a."ownerId" = ANY (owner_ids) AND a."deletedAt" IS NULL;
 END $$;
 
--- zhparser's word index, where zhparser is usable (a no-op elsewhere): here, as a new database has cnai.ocr only
--- now. Words are an extra: nothing about them stops the migration.
-DO $$
-BEGIN
-  PERFORM cnai.zh_words_prepare();
-EXCEPTION WHEN OTHERS THEN
-  RAISE NOTICE 'cnai: zhparser''s word index could not be prepared (% %); search uses bigrams alone',
-    SQLSTATE, SQLERRM;
-END $$;
+-- zhparser's word index, where zhparser is usable (a no-op elsewhere, and never an error): here, as a new
+-- database has cnai.ocr only now.
+SELECT cnai.zh_words_prepare();
