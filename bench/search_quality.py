@@ -1,6 +1,7 @@
 """Chinese OCR search quality on a labelled set of rendered photos: cnai.search beside Immich 3.1's own OCR search.
 
     python bench/search_quality.py [--seed 10] [--photos 320] [--cache-dir .cache/search_quality] [--show-misses]
+                                   [--zhparser-control-path DIR]
 
 Builds, from the seed, a labelled set of photos (shop signs, receipts, menus, tickets, street signs, notices,
 screenshots) in several CJK fonts, Simplified and Traditional, under rotation, perspective, blur, JPEG noise, low
@@ -12,11 +13,16 @@ that was printed), never from the OCR, so the numbers are end to end: what the O
 Then, in a scratch database on the embedded server, each photo's OCR result is stored the way cnai's listener stores
 it (cnai.ocr) and the way Immich 3.1's OCR job stores it (asset_ocr rows and ocr_search = tokenizeForSearch tokens),
 and each query runs through:
-  cnai     cnai.search('ocr:' || query, NULL, ARRAY[owner], 20): whatever matching rules the database has now;
+  cnai     cnai.search('ocr:' || query, NULL, ARRAY[owner], 20): whatever matching rules the database has now,
+           bigrams alone (the setting cnai.zh_words = off);
   immich   Immich 3.1's metadata search with `ocr` (server/src/utils/database.ts searchAssetBuilderLegacy and
            search.repository.ts searchMetadata): f_unaccent(ocr_search.text) %>> f_unaccent(tokens of the query),
            newest first (Immich does not rank OCR matches);
-  zhparser where the extension is installed: the `cnai.zh` configuration's ts_rank over the OCR text.
+  and where zhparser is installed and usable (cnai.zhparser_state(); on the embedded server, a build reached through
+  --zhparser-control-path or CNAI_ZHPARSER_CONTROL_PATH, a folder holding extension/zhparser.control, as PostgreSQL
+  18's extension_control_path takes it, with its dictionary in the server's share/tsearch_data):
+  cnai+zhparser  the same cnai.search with zhparser's ranking signal and word match;
+  zhparser       the `cnai.zh` configuration alone: its ts_rank over the OCR text.
 Prints recall@5 and recall@20 (relevant photos in the first k, of the k or fewer there are), MRR, precision@5
 (relevant share of the results shown in the first five) and the share of queries that found nothing, per query class, side by side; and the share of labelled text lines the OCR
 recovered at all, per rendering condition.
@@ -30,6 +36,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -474,15 +481,17 @@ def line_recovery(photos: list[Photo], ocr: dict[int, list[dict]]) -> dict[str, 
 async def evaluate(dsn: str, photos: list[Photo], queries: list[Query], ocr: dict[int, list[dict]], seed: int,
                    show_misses: bool) -> None:
     conn = await asyncpg.connect(dsn)
+    bigrams = await asyncpg.connect(dsn, server_settings={"cnai.zh_words": "off"})
     try:
         owner, asset_of = await load(conn, photos, ocr, seed)
-        has_zhparser = await conn.fetchval("SELECT EXISTS (SELECT FROM pg_ts_config WHERE cfgname = 'zh' "
-                                           "AND cfgnamespace = 'cnai'::regnamespace)")
+        zhparser_state, zhparser_detail = await conn.fetchrow("SELECT state, detail FROM cnai.zhparser_state()")
+        has_zhparser = zhparser_state not in ("absent", "dictionary missing")
         engines = {
-            "cnai": lambda q: conn.fetch(CNAI_SEARCH, q, owner, TOP),
+            "cnai": lambda q: bigrams.fetch(CNAI_SEARCH, q, owner, TOP),
             "immich": lambda q: conn.fetch(IMMICH_OCR_SEARCH, " ".join(immich_tokenize(q)), [owner], TOP),
         }
         if has_zhparser:
+            engines["cnai+zhparser"] = lambda q: conn.fetch(CNAI_SEARCH, q, owner, TOP)
             engines["zhparser"] = lambda q: conn.fetch(ZHPARSER_SEARCH, q, uuid.UUID(owner), TOP)
         scores: dict[str, dict[str, Scores]] = {e: {} for e in engines}
         skipped = []
@@ -500,6 +509,7 @@ async def evaluate(dsn: str, photos: list[Photo], queries: list[Query], ocr: dic
                     misses.append((query, rel, ranked))
     finally:
         await conn.close()
+        await bigrams.close()
 
     classes = [q.cls for q in queries]
     classes = list(dict.fromkeys(classes)) + ["all"]
@@ -507,8 +517,7 @@ async def evaluate(dsn: str, photos: list[Photo], queries: list[Query], ocr: dic
     n_queries["all"] = sum(n_queries.values())
     print(f"\n{len(photos)} photos, {n_queries['all']} queries with relevant photos"
           + (f" ({len(skipped)} without any in this set: skipped)" if skipped else ""))
-    if not has_zhparser:
-        print("zhparser: not installed")
+    print(f"zhparser: {zhparser_state}: {zhparser_detail}")
     header = f"{'class':22s} {'n':>3s}  " + "  ".join(f"{e:^34s}" for e in engines)
     print(header)
     print(f"{'':22s} {'':>3s}  " + "  ".join(f"{'R@5   R@20  MRR   P@5   zero':^34s}" for _ in engines))
@@ -523,6 +532,10 @@ async def evaluate(dsn: str, photos: list[Photo], queries: list[Query], ocr: dic
     ratio = lambda a, b: f"{a / b:4.2f}x" if b else "inf"  # noqa: E731
     print(f"cnai / immich, all queries: R@5 {ratio(all_c[0], all_i[0])}, R@20 {ratio(all_c[1], all_i[1])}, "
           f"MRR {ratio(all_c[2], all_i[2])}; zero-result queries {all_c[4]:.0%} vs {all_i[4]:.0%}")
+    if has_zhparser:
+        all_z = scores["cnai+zhparser"]["all"].row()
+        print(f"cnai+zhparser / cnai, all queries: R@5 {ratio(all_z[0], all_c[0])}, R@20 {ratio(all_z[1], all_c[1])}, "
+              f"MRR {ratio(all_z[2], all_c[2])}; zero-result queries {all_z[4]:.0%} vs {all_c[4]:.0%}")
 
     rec = line_recovery(photos, ocr)
     total = rec.pop("all")
@@ -543,9 +556,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ocr-threads", type=int, default=0, help="ONNX Runtime threads (0: one per core)")
     ap.add_argument("--dump-dir", type=Path, help="also write the rendered photos here, to look at them")
     ap.add_argument("--show-misses", action="store_true", help="list the queries cnai misses in its top 5")
+    ap.add_argument("--zhparser-control-path", type=Path, default=os.environ.get("CNAI_ZHPARSER_CONTROL_PATH"),
+                    help="a zhparser build for the embedded server: the folder holding extension/zhparser.control "
+                         "(PostgreSQL 18's extension_control_path; default: $CNAI_ZHPARSER_CONTROL_PATH)")
     args = ap.parse_args(argv)
     if args.photos < 1:
         ap.error("--photos must be at least 1")
+    if args.zhparser_control_path and not (args.zhparser_control_path / "extension" / "zhparser.control").is_file():
+        ap.error(f"--zhparser-control-path: no extension/zhparser.control in {args.zhparser_control_path}")
     logging.basicConfig(level=logging.WARNING)
 
     missing = sorted({name for path, _, _, name in FONTS if not Path(path).exists()})
@@ -568,7 +586,10 @@ def main(argv: list[str] | None = None) -> None:
         server.start()
         try:
             dsn = server.dsn()
-            asyncio.run(migrate(dsn, standalone=True))
+            # zhparser, where a build is given, is created by the migration; its functions then name their library
+            control_path = (f"?extension_control_path=$system:{args.zhparser_control_path.resolve()}"
+                            if args.zhparser_control_path else "")
+            asyncio.run(migrate(dsn + control_path, standalone=True))
             asyncio.run(evaluate(dsn, photos, queries, ocr, args.seed, args.show_misses))
         finally:
             server.destroy()

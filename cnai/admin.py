@@ -214,6 +214,7 @@ class Finding:
     subject: str
     detail: str
     trigger: str | None = None  # the trigger it is about, if any
+    warning: bool = False  # not ok, but cnai works on without it
 
 
 async def check_database(conn: asyncpg.Connection) -> list[Finding]:
@@ -223,6 +224,14 @@ async def check_database(conn: asyncpg.Connection) -> list[Finding]:
         return findings  # not (fully) migrated: nothing to try
     broken = {f.trigger for f in findings if not f.ok}
     return findings + [f for f in await check_enqueue(conn) if f.trigger not in broken]
+
+
+async def check_zhparser(conn: asyncpg.Connection) -> Finding:
+    """What zhparser does for search (cnai.zhparser_state): absent or used is fine; installed but unusable or not
+    preloaded is a warning, as search then works on bigrams alone."""
+    row = await conn.fetchrow("SELECT state, detail FROM cnai.zhparser_state()")
+    ok = row["state"] in ("absent", "used")
+    return Finding(ok, "zhparser", f"{row['state']}: {row['detail']}", warning=not ok)
 
 
 # The triggers cnai puts on tables that others write (Immich's, and reprocess_request, written from psql):

@@ -493,8 +493,8 @@ async def cmd_doctor(args, settings):
             if not applied:
                 report("PROBLEM", "cnai schema", "not migrated yet: run `cnai migrate` (serve and listen do it at start)")
             else:
-                for f in await admin.check_database(conn):
-                    report("ok" if f.ok else "PROBLEM", f.subject, f.detail)
+                for f in [*await admin.check_database(conn), await admin.check_zhparser(conn)]:
+                    report("ok" if f.ok else "warning" if f.warning else "PROBLEM", f.subject, f.detail)
         finally:
             await conn.close()
     except SystemExit as e:

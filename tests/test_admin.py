@@ -17,14 +17,15 @@ from tests.conftest import make_asset, make_user
 
 
 @contextlib.asynccontextmanager
-async def fresh_database(pg_server):
-    """A new database on the test server with cnai migrated (standalone schema); dropped afterwards."""
+async def fresh_database(pg_server, migrate_options: str = ""):
+    """A new database on the test server with cnai migrated (standalone schema); dropped afterwards.
+    migrate_options: the migration's connection parameters (`?extension_control_path=…`)."""
     name = f"cnai_{uuid.uuid4().hex[:12]}"
     server = await asyncpg.connect(pg_server.dsn("postgres"))
     try:
         await server.execute(f"CREATE DATABASE {name}")
         dsn = pg_server.dsn(name)
-        await migrate(dsn, standalone=True)
+        await migrate(dsn + migrate_options, standalone=True)
         yield dsn
     finally:
         await server.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

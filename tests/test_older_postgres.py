@@ -56,8 +56,10 @@ async def test_queue_and_tokenizer_sql_run_on_older_postgres(old_conn, dsn):
     root = Path(__file__).resolve().parent.parent / "sql"
     for name in ("queue/schema/100_queue_tables.sql", "queue/schema/103_indexed_tasks.sql",
                  "queue/code/110_queue_ops.sql", "triggers/code/120_triggers.sql",
-                 "zhparser/code/009_traditional_simplified.sql", "zhparser/code/010_cjk_tokens.sql"):
+                 "zhparser/code/009_traditional_simplified.sql", "zhparser/code/010_cjk_tokens.sql",
+                 "zhparser/code/011_zhparser_config.sql", "zhparser/code/012_zh_words.sql"):
         await old_conn.execute((root / name).read_text())
+    assert await old_conn.fetchval("SELECT state FROM cnai.zhparser_state()") == "absent"
     asset = await old_conn.fetchval("INSERT INTO asset DEFAULT VALUES RETURNING id")
     await old_conn.execute("""INSERT INTO asset_file ("assetId", type, path) VALUES ($1, 'preview', '/p.jpg')""", asset)
     assert await old_conn.fetchval("SELECT sum(queued) FROM cnai.queue_depth()") == 2  # the indexed clip and ocr

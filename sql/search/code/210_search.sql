@@ -27,22 +27,34 @@ RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
      AND (visibility <> 'locked' OR owner_id = locked_owner);
 $$;
 
--- Score of one OCR match, 0-1 and comparable across queries (the front shows it; hybrid fusion uses ranks):
---   0.5-1: found as typed. 0.5 + 0.5 x the share of the photo's text (whitespace aside) that the query's words
---          cover, so a photo whose text is mostly the query (a sign, a label, a title) beats a long page that
---          mentions it once, and 1 means the text is the query; the share counts half when a multi-word query's
---          words are not adjacent in the order typed.
---   below 0.5: found only by the fuzzy fallback (an OCR error allowed): 0.45 x that share.
+-- Score of one OCR match, 0-1 and comparable across queries (the front shows it; hybrid fusion uses ranks).
+-- share: the share of the photo's text (whitespace aside) that the query covers, so a photo whose text is mostly
+-- the query (a sign, a label, a title) beats a long page that mentions it once; it counts half when a multi-word
+-- query's words are not adjacent in the order typed (as_typed false). 1 means the text is the query.
+-- Without zhparser (words NULL):
+--   0.5-1: found as typed: 0.5 + 0.5 x share.
+--   below 0.5: found only by the fuzzy fallback (an OCR error allowed): 0.45 x share.
+-- Where zhparser is usable (012_zh_words.sql), whether the text holds the query's words splits each band:
+--   0.75-1: found as typed, and the query's words are words of the text: 0.75 + 0.25 x share.
+--   0.5-0.75: found as typed, but not as words (上海 in 楼上海景厅, 市长 in 南京市长江大桥): 0.5 + 0.25 x share.
+--   0.45-0.5: not as typed, but its words are all in the text, anywhere (增值税发票 in 增值税专用发票):
+--             0.45 + 0.05 x share.
+--   below 0.45: the fuzzy fallback, as without zhparser.
 -- The query's verbatim occurrence in the text is not scored: it doubled the cost and changed no ranking on the
 -- labelled set, and it made quotes or brackets in a query change a score 500-fold.
 DROP FUNCTION IF EXISTS cnai.ocr_match_score(tsvector, text, tsquery, text);
 DROP FUNCTION IF EXISTS cnai.ocr_score(text, integer, boolean, boolean);
+DROP FUNCTION IF EXISTS cnai.ocr_score(integer, integer, boolean, boolean);
 -- text_chars: the photo's cnai.searchable_chars (cnai.ocr.text_chars).
-CREATE OR REPLACE FUNCTION cnai.ocr_score(text_chars integer, query_chars integer, as_typed boolean, fuzzy boolean)
+CREATE OR REPLACE FUNCTION cnai.ocr_score(text_chars integer, query_chars integer, as_typed boolean, fuzzy boolean,
+                                          words boolean DEFAULT NULL)
 RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT CASE WHEN fuzzy THEN 0.45 * share
-              ELSE 0.5 + 0.5 * share * CASE WHEN as_typed THEN 1.0 ELSE 0.5 END END
-    FROM (SELECT least(1.0, query_chars::float8 / greatest(1, text_chars))) AS s(share);
+  SELECT CASE WHEN fuzzy AND words THEN 0.45 + 0.05 * share
+              WHEN fuzzy THEN 0.45 * share
+              WHEN words IS NULL THEN 0.5 + 0.5 * share * typed
+              ELSE CASE WHEN words THEN 0.75 ELSE 0.5 END + 0.25 * share * typed END
+    FROM (SELECT least(1.0, query_chars::float8 / greatest(1, text_chars)),
+                 CASE WHEN as_typed THEN 1.0 ELSE 0.5 END) AS s(share, typed);
 $$;
 
 -- Exact matches under this many: the fuzzy fallback adds matches with one OCR error allowed, ranked after them.
@@ -164,6 +176,29 @@ BEGIN
      LIMIT candidates;
 END $$;
 
+-- The word pass of cnai.search_ocr, where zhparser is usable: texts that hold the query's words anywhere (words,
+-- AND-ed: cnai.zh_words_query) but not the query as typed (exact), shortest texts first, as the exact pass picks.
+CREATE OR REPLACE FUNCTION cnai.search_ocr_words(words tsquery, exact tsquery, query_chars integer, owner_ids uuid[],
+                                                 lim integer, candidates integer, visibilities text[],
+                                                 locked_owner uuid)
+RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE sql STABLE AS $$
+  WITH found AS MATERIALIZED (
+    SELECT o.asset_id, o.text_chars
+      FROM cnai.ocr o
+      JOIN public.asset a ON a.id = o.asset_id
+     WHERE cnai.zh_words(o.text) @@ words AND NOT o.tokens @@ exact AND o.owner_id = ANY (owner_ids)
+       AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                owner_ids, visibilities, locked_owner)
+     ORDER BY greatest(o.text_chars, query_chars), o.asset_id
+     LIMIT candidates
+  )
+  SELECT f.asset_id, s.score, (row_number() OVER (ORDER BY s.score DESC, f.asset_id))::integer
+    FROM found f
+   CROSS JOIN LATERAL (SELECT cnai.ocr_score(f.text_chars, query_chars, false, true, true) AS score) s
+   ORDER BY s.score DESC, f.asset_id
+   LIMIT lim;
+$$;
+
 CREATE OR REPLACE FUNCTION cnai.search_ocr(q_text text, owner_ids uuid[], lim integer,
                                            visibilities text[] DEFAULT NULL, locked_owner uuid DEFAULT NULL)
 RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE plpgsql STABLE AS $$
@@ -178,12 +213,24 @@ DECLARE
   must tsquery := q.exact;
   must_not tsquery;
   bound integer := greatest(cnai.ocr_candidates(), lim);
-  -- one word or phrase: the score follows the text's length alone, so the shortest matches are the page
-  candidates integer := CASE WHEN one_group THEN lim ELSE bound END;
+  -- NULL without a usable zhparser: bigrams alone. Not for one character: the word index holds every character
+  -- (multi modes), so the words would change no rank and only cost a segmentation per candidate.
+  words tsquery := CASE WHEN q.query_chars > 1 THEN cnai.zh_words_query(q_text) END;
+  -- one word or phrase: the score follows the text's length alone (unless zhparser's words add to it), so the
+  -- shortest matches are the page
+  candidates integer := CASE WHEN one_group AND words IS NULL THEN lim ELSE bound END;
   walk boolean;
 BEGIN
-  -- exact matches, then (when they are few) the fuzzy fallback's others, ranked after them
+  -- exact matches, then (when they are few) those with the query's words anywhere, then the fuzzy fallback's
+  -- others, each ranked after the ones before
   FOR fuzzy IN 0..1 LOOP
+    IF fuzzy = 1 AND words IS NOT NULL AND found_before < least(lim, cnai.fuzzy_below()) THEN
+      RETURN QUERY SELECT w.asset_id, w.score, found_before + w.ocr_rank
+                     FROM cnai.search_ocr_words(words, q.exact, q.query_chars, owner_ids, lim - found_before,
+                                                candidates, visibilities, locked_owner) w;
+      GET DIAGNOSTICS found_now = ROW_COUNT;
+      found_before := found_before + found_now;
+    END IF;
     IF fuzzy = 1 THEN
       EXIT WHEN found_before >= least(lim, cnai.fuzzy_below()) OR q.fuzzy = q.exact;
       must := q.fuzzy;
@@ -209,7 +256,14 @@ BEGIN
              SELECT cnai.ocr_score(c.text_chars, q.query_chars,
                                    one_group OR (SELECT o.tokens @@ q.phrase FROM cnai.ocr o
                                                   WHERE o.asset_id = c.asset_id),
-                                   fuzzy = 1) AS score) s
+                                   fuzzy = 1,
+                                   CASE WHEN fuzzy = 0 AND words IS NOT NULL
+                                        THEN (SELECT cnai.zh_words(o.text) @@ words FROM cnai.ocr o
+                                               WHERE o.asset_id = c.asset_id) END) AS score) s
+       -- the word pass had those (CASE: without zhparser, cnai.zh_words must not run)
+       WHERE CASE WHEN fuzzy = 1 AND words IS NOT NULL
+                  THEN NOT (SELECT cnai.zh_words(o.text) @@ words FROM cnai.ocr o WHERE o.asset_id = c.asset_id)
+                  ELSE true END
        ORDER BY s.score DESC, c.text_chars, c.asset_id
        LIMIT lim - found_before;
     GET DIAGNOSTICS found_now = ROW_COUNT;
@@ -447,3 +501,7 @@ BEGIN
       FROM cnai.ocr o JOIN public.asset a ON a.id = o.asset_id
      WHERE o.asset_id = ANY (asset_ids) AND a."ownerId" = ANY (owner_ids) AND a."deletedAt" IS NULL;
 END $$;
+
+-- zhparser's word index, where zhparser is usable (a no-op elsewhere, and never an error): here, as a new
+-- database has cnai.ocr only now.
+SELECT cnai.zh_words_prepare();

@@ -1,14 +1,23 @@
 -- Code (re-applied whenever this file changes).
--- Where zhparser is installed, also provide a word-segmenting configuration for operators who want it.
+-- Where zhparser is installed, also provide a word-segmenting configuration, cnai.zh: a ranking signal and a
+-- match of words anywhere in a text on top of the bigram index (012_zh_words.sql says how search uses it). Every
+-- token type maps to a lexeme: the earlier n, v, a, i, e, l mapping dropped time words (周日), distinguishing
+-- words (红烧) and whatever SCWS tags otherwise, and a query word dropped on one side only never matches.
 DO $$
+DECLARE
+  types text;
 BEGIN
   IF EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'zhparser') THEN
     CREATE EXTENSION IF NOT EXISTS zhparser;
     IF NOT EXISTS (SELECT 1 FROM pg_ts_config c JOIN pg_namespace n ON n.oid = c.cfgnamespace
                     WHERE n.nspname = 'cnai' AND c.cfgname = 'zh') THEN
       CREATE TEXT SEARCH CONFIGURATION cnai.zh (PARSER = zhparser);
-      ALTER TEXT SEARCH CONFIGURATION cnai.zh ADD MAPPING FOR n, v, a, i, e, l WITH simple;
     END IF;
+    SELECT string_agg(quote_ident(t.alias), ', ' ORDER BY t.tokid) INTO types
+      FROM pg_ts_config c, ts_token_type(c.cfgparser) t
+     WHERE c.oid = 'cnai.zh'::regconfig;
+    EXECUTE format('ALTER TEXT SEARCH CONFIGURATION cnai.zh DROP MAPPING IF EXISTS FOR %s', types);
+    EXECUTE format('ALTER TEXT SEARCH CONFIGURATION cnai.zh ADD MAPPING FOR %s WITH simple', types);
   END IF;
 -- not only a missing privilege: a listed zhparser whose library cannot load (a build for another server, a missing
 -- dependency) must not stop the migration, as the built-in tokenizer serves without it

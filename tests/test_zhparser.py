@@ -1,0 +1,152 @@
+"""zhparser as a ranking signal and word match on top of the bigram index (sql/zhparser/code/011-012, cnai.search_ocr).
+
+Without zhparser (CI, and most servers) search is bigrams alone and the doctor says zhparser is absent: those tests
+run everywhere. The others need a zhparser build that the test server reaches through PostgreSQL 18's
+extension_control_path: CNAI_TEST_ZHPARSER_CONTROL_PATH names the folder holding `extension/zhparser.control`
+(with an absolute module_pathname), and the dictionary (dict.utf8.xdb, rules.utf8.ini) must be in the embedded
+server's share/tsearch_data, where zhparser looks. They skip without it."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from cnai import admin
+from cnai.embedded import EmbeddedServer, bin_dir, scratch_folder
+from tests.conftest import make_user
+from tests.test_admin import fresh_database
+from tests.test_search import add_ocr, ids
+
+CONTROL_PATH = os.environ.get("CNAI_TEST_ZHPARSER_CONTROL_PATH")
+needs_zhparser = pytest.mark.skipif(not CONTROL_PATH, reason="CNAI_TEST_ZHPARSER_CONTROL_PATH names no zhparser build")
+
+
+def database_with_zhparser(server):
+    """A new database on `server`, migrated by a connection that reaches the zhparser build. Its DSN is the plain
+    one: once the extension exists, its functions name their library themselves."""
+    return fresh_database(server, f"?extension_control_path=$system:{CONTROL_PATH}")
+
+
+@pytest_asyncio.fixture
+async def zh_db(pg_server):
+    async with database_with_zhparser(pg_server) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+
+def link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
+
+
+@pytest.fixture
+def server_without_dictionary():
+    """An embedded server run from a copy of the wheel's PostgreSQL (hard links, so cheap) whose share folder lacks
+    zhparser's dictionary: what a server where the dictionary was never installed looks like."""
+    install = bin_dir().parent
+    with scratch_folder("cnai-test-nodict-") as root:
+        package = root / install.parent.name
+        package.mkdir()
+        libs = install.parent.parent / f"{install.parent.name}.libs"
+        for source, target in ((install, package / install.name), (libs, root / libs.name)):
+            if source.exists():
+                shutil.copytree(source, target, copy_function=link_or_copy)
+        dictionary = package / install.name / "share" / "tsearch_data" / "dict.utf8.xdb"
+        dictionary.unlink(missing_ok=True)
+        server = EmbeddedServer(root / "data", bin_path=package / install.name / "bin")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.destroy()
+
+
+async def test_without_zhparser_the_doctor_says_absent_and_search_is_bigrams_alone(db):
+    finding = await admin.check_zhparser(db)
+    assert finding.ok and finding.detail.startswith("absent: not installed"), finding
+    assert await db.fetchval("SELECT cnai.zh_words_query('增值税发票')") is None
+    assert await db.fetchval("SELECT cnai.zh_words_index()") is None
+    await assert_bigrams_alone(db)
+
+
+async def assert_bigrams_alone(conn) -> None:
+    """Search as before zhparser: the shorter text first whether the query is a word of it or not, the scores of
+    bigrams alone, and words apart find nothing."""
+    owner = await make_user(conn)
+    near = await add_ocr(conn, owner, "楼上海景厅")
+    far = await add_ocr(conn, owner, "欢迎来到上海浦东国际机场，祝您旅途愉快")
+    await add_ocr(conn, owner, "增值税专用发票")
+    assert await ids(conn, "ocr:上海", [owner]) == [near, far]
+    assert await ids(conn, "ocr:增值税发票", [owner]) == []
+    scores = [r["score"] for r in await conn.fetch("SELECT score FROM cnai.search('ocr:上海', NULL, $1)", [owner])]
+    assert scores == [pytest.approx(0.5 + 0.5 * 2 / 5), pytest.approx(0.5 + 0.5 * 2 / 19)]
+
+
+@needs_zhparser
+async def test_the_real_word_ranks_before_a_false_friend(zh_db):
+    owner = await make_user(zh_db)
+    false_friend = await add_ocr(zh_db, owner, "楼上海景厅")
+    real = await add_ocr(zh_db, owner, "欢迎来到上海浦东国际机场，祝您旅途愉快")
+    assert await ids(zh_db, "ocr:上海", [owner]) == [real, false_friend]
+    mayor = await add_ocr(zh_db, owner, "市长热线 12345")
+    bridge = await add_ocr(zh_db, owner, "南京市长江大桥")
+    assert await ids(zh_db, "ocr:市长", [owner]) == [mayor, bridge]
+    scores = [r["score"] for r in await zh_db.fetch("SELECT score FROM cnai.search('ocr:上海', NULL, $1)", [owner])]
+    assert 0.75 <= scores[0] <= 1 and 0.5 <= scores[1] < 0.75, scores
+
+
+@needs_zhparser
+async def test_words_apart_are_found_after_the_adjacent_ones(zh_db):
+    owner = await make_user(zh_db)
+    special = await add_ocr(zh_db, owner, "增值税专用发票")
+    assert await ids(zh_db, "ocr:增值税发票", [owner]) == [special]
+    adjacent = await add_ocr(zh_db, owner, "开具增值税发票请到二楼服务台办理相关手续")
+    assert await ids(zh_db, "ocr:增值税发票", [owner]) == [adjacent, special]
+    rows = await zh_db.fetch("SELECT asset_id, score FROM cnai.search('ocr:增值税发票', NULL, $1)", [owner])
+    assert 0.45 <= rows[1]["score"] < 0.5 <= rows[0]["score"]
+    powerbank = await add_ocr(zh_db, owner, "小米移动电源 充电宝 10000mAh")
+    assert await ids(zh_db, "ocr:小米充电宝", [owner]) == [powerbank]
+
+
+@needs_zhparser
+async def test_every_token_type_is_indexed_with_the_words_inside_compounds(zh_db):
+    words = set(await zh_db.fetchval("SELECT tsvector_to_array(cnai.zh_words('周日红烧肉 一袋大米 南京市长江大桥'))"))
+    assert {"周日", "红烧", "米", "大米", "长江", "大桥"} <= words, words
+    # pinned on the function: a session's own zhparser settings change nothing
+    await zh_db.execute("SET zhparser.multi_zall = off; SET zhparser.multi_short = off")
+    assert set(await zh_db.fetchval("SELECT tsvector_to_array(cnai.zh_words('周日红烧肉 一袋大米 南京市长江大桥'))")) == words
+    owner = await make_user(zh_db)
+    rice = await add_ocr(zh_db, owner, "东北大米 5kg")
+    assert await zh_db.fetchval("SELECT cnai.zh_words(text) @@ cnai.zh_words_query('米') FROM cnai.ocr "
+                                "WHERE asset_id = $1", rice)
+
+
+@needs_zhparser
+async def test_zhparser_is_preloaded_and_the_doctor_says_used(zh_db):
+    assert await zh_db.fetchval("SELECT cnai.zh_words_index()::text") == "cnai.ocr_zh_words_idx"
+    assert "zhparser" in await zh_db.fetchval("SHOW session_preload_libraries")
+    finding = await admin.check_zhparser(zh_db)
+    assert finding.ok and finding.detail.startswith("used"), finding
+
+
+@needs_zhparser
+async def test_a_zhparser_without_its_dictionary_counts_as_absent(server_without_dictionary):
+    async with database_with_zhparser(server_without_dictionary) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'zhparser'") == 1
+            finding = await admin.check_zhparser(conn)
+            assert not finding.ok and finding.warning and finding.detail.startswith("dictionary missing"), finding
+            assert await conn.fetchval("SELECT cnai.zh_words_query('增值税发票')") is None
+            assert await conn.fetchval("SELECT cnai.zh_words_index()") is None
+            await assert_bigrams_alone(conn)
+        finally:
+            await conn.close()
