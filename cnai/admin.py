@@ -227,8 +227,8 @@ async def check_database(conn: asyncpg.Connection) -> list[Finding]:
 
 
 async def check_zhparser(conn: asyncpg.Connection) -> Finding:
-    """What zhparser does for search (cnai.zhparser_state): absent or used is fine; installed but unusable or not
-    preloaded is a warning, as search then works on bigrams alone."""
+    """What zhparser does for search (cnai.zhparser_state): absent or used is fine; installed but unusable is a
+    warning, as search then works on bigrams alone."""
     row = await conn.fetchrow("SELECT state, detail FROM cnai.zhparser_state()")
     ok = row["state"] in ("absent", "used")
     return Finding(ok, "zhparser", f"{row['state']}: {row['detail']}", warning=not ok)

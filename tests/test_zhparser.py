@@ -130,11 +130,35 @@ async def test_every_token_type_is_indexed_with_the_words_inside_compounds(zh_db
 
 
 @needs_zhparser
-async def test_zhparser_is_preloaded_and_the_doctor_says_used(zh_db):
-    assert await zh_db.fetchval("SELECT cnai.zh_words_index()::text") == "cnai.ocr_zh_words_idx"
-    assert "zhparser" in await zh_db.fetchval("SHOW session_preload_libraries")
-    finding = await admin.check_zhparser(zh_db)
-    assert finding.ok and finding.detail.startswith("used"), finding
+async def test_words_keep_their_settings_after_a_parallel_worker_loaded_zhparser_first(pg_server):
+    """A session whose first use of zhparser is in a parallel worker (the library loads there, and in the leader its
+    settings reset): cnai's word functions still give the multi-mode words, so no preload is needed and the doctor
+    says used, with the database's session_preload_libraries untouched."""
+    async with database_with_zhparser(pg_server) as dsn:
+        setup = await asyncpg.connect(dsn)
+        try:
+            owner = await make_user(setup)
+            for i in range(200):
+                await add_ocr(setup, owner, f"南京市长江大桥 {i}")
+            await setup.execute("ANALYZE cnai.ocr")
+        finally:
+            await setup.close()
+        conn = await asyncpg.connect(dsn)  # a new session: zhparser not loaded in it yet
+        try:
+            for setting in ("parallel_setup_cost = 0", "parallel_tuple_cost = 0", "min_parallel_table_scan_size = 0",
+                            "max_parallel_workers_per_gather = 2", "debug_parallel_query = on"):
+                await conn.execute(f"SET {setting}")
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                "EXPLAIN SELECT count(*) FROM cnai.ocr WHERE to_tsvector('cnai.zh', text) @@ 'x'::tsquery"))
+            assert "Gather" in plan, plan
+            await conn.fetchval("SELECT count(*) FROM cnai.ocr WHERE to_tsvector('cnai.zh', text) @@ 'x'::tsquery")
+            words = set(await conn.fetchval("SELECT tsvector_to_array(cnai.zh_words('南京市长江大桥'))"))
+            assert {"长江", "大桥", "长江大桥"} <= words, words
+            assert "zhparser" not in await conn.fetchval("SHOW session_preload_libraries")
+            finding = await admin.check_zhparser(conn)
+            assert finding.ok and finding.detail.startswith("used"), finding
+        finally:
+            await conn.close()
 
 
 @needs_zhparser

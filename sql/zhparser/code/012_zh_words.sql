@@ -41,24 +41,16 @@ END $$;
 CREATE OR REPLACE FUNCTION cnai.zh_words_index() RETURNS regclass LANGUAGE sql STABLE PARALLEL SAFE
   RETURN to_regclass('cnai.ocr_zh_words_idx');
 
--- Whether a list of libraries (a *_preload_libraries setting) names zhparser's: 'zhparser', '$libdir/zhparser',
--- or a path to zhparser.so, quoted or not.
-CREATE OR REPLACE FUNCTION cnai.names_zhparser(libraries text) RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE
-  RETURN coalesce(libraries, '') ~ '(^|[,/[:space:]"])zhparser(\.so)?"?[[:space:]]*(,|$)';
-
 -- What zhparser does for this database: (state, detail), state one of
 --   absent                 not installed, or installed but not enabled (its library did not load): bigrams only
 --   dictionary missing     enabled, but its dictionary did not load: treated as absent
 --   index missing          usable, but the word index was not built (the dictionary was missing at migration)
---   not preloaded          used, but not in session_preload_libraries: a first use inside a parallel query loads
---                          the library in a worker, which resets zhparser's settings for the whole session
---   used                   used, preloaded
+--   used                   used
+-- zhparser need not be preloaded (session_preload_libraries): a library first loaded by a parallel worker resets
+-- zhparser's settings for the session, but cnai's word functions are PARALLEL RESTRICTED (never run in a worker)
+-- and set those settings on every call. cnai never preloads it: a database that preloads a library every
+-- connection fails once the library is gone (a new server image), Immich's connections too.
 CREATE OR REPLACE FUNCTION cnai.zhparser_state(OUT state text, OUT detail text) LANGUAGE plpgsql STABLE AS $$
-DECLARE
-  library text := (SELECT p.probin FROM pg_proc p JOIN pg_depend d ON d.objid = p.oid
-                     JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'zhparser'
-                    WHERE d.classid = 'pg_proc'::regclass AND p.probin IS NOT NULL LIMIT 1);
-  preloaded text := current_setting('session_preload_libraries') || ',' || current_setting('shared_preload_libraries');
 BEGIN
   IF NOT EXISTS (SELECT FROM pg_ts_config c WHERE c.cfgname = 'zh' AND c.cfgnamespace = 'cnai'::regnamespace) THEN
     state := 'absent';
@@ -74,11 +66,6 @@ BEGIN
   ELSIF cnai.zh_words_index() IS NULL THEN
     state := 'index missing';
     detail := 'zhparser works but its word index was not built: SELECT cnai.zh_words_prepare()';
-  ELSIF NOT cnai.names_zhparser(preloaded) THEN
-    state := 'not preloaded';
-    detail := format('used for ranking, but not in session_preload_libraries (a first use inside a parallel query '
-                     'resets its settings for the session); a superuser runs: ALTER DATABASE %I SET '
-                     'session_preload_libraries = %L', current_database(), coalesce(library, 'zhparser'));
   ELSE
     state := 'used';
     detail := 'word ranking and word match on top of the bigram index';
@@ -108,38 +95,15 @@ BEGIN
                                  FROM unnest(words) w), ' & ')::tsquery;
 END $$;
 
--- Builds the word index where zhparser is usable and asks for its preloading; a no-op without zhparser. The
--- migration runs it; run it again after installing a missing dictionary. Preloading needs a superuser: without
--- one, a NOTICE says what a superuser runs. Words are an extra: nothing about them raises (a NOTICE says what
--- went wrong), so nothing about them stops a migration.
+-- Builds the word index where zhparser is usable; a no-op without zhparser. The migration runs it; run it again after
+-- installing a missing dictionary. Words are an extra: nothing about them raises (a NOTICE says what went wrong),
+-- so nothing about them stops a migration.
 CREATE OR REPLACE FUNCTION cnai.zh_words_prepare() RETURNS text LANGUAGE plpgsql AS $$
-DECLARE
-  library text;
-  current text;
 BEGIN
   IF to_regclass('cnai.ocr') IS NULL OR NOT cnai.zh_dictionary_loaded() THEN
     RETURN (cnai.zhparser_state()).state;  -- a new database: 210_search.sql runs this again after the tables
   END IF;
   CREATE INDEX IF NOT EXISTS ocr_zh_words_idx ON cnai.ocr USING gin (cnai.zh_words(text));
-  -- the library that the extension's functions load, as they name it ('$libdir/zhparser', or a path)
-  SELECT p.probin INTO library
-    FROM pg_proc p JOIN pg_depend d ON d.classid = 'pg_proc'::regclass AND d.objid = p.oid
-    JOIN pg_extension e ON e.oid = d.refobjid AND e.extname = 'zhparser'
-   WHERE p.probin IS NOT NULL LIMIT 1;
-  SELECT substr(c, length('session_preload_libraries=') + 1) INTO current
-    FROM pg_db_role_setting s, unnest(s.setconfig) c
-   WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database()) AND s.setrole = 0
-     AND c LIKE 'session_preload_libraries=%';
-  IF library IS NOT NULL AND NOT cnai.names_zhparser(current) THEN
-    BEGIN
-      EXECUTE format('ALTER DATABASE %I SET session_preload_libraries = %L', current_database(),
-                     concat_ws(', ', nullif(current, ''), library));
-    EXCEPTION WHEN insufficient_privilege THEN
-      RAISE NOTICE 'cnai: zhparser is not preloaded (a first use inside a parallel query resets its settings for '
-                   'the session); a superuser runs: ALTER DATABASE % SET session_preload_libraries = %',
-        quote_ident(current_database()), quote_literal(concat_ws(', ', nullif(current, ''), library));
-    END;
-  END IF;
   RETURN (cnai.zhparser_state()).state;
 EXCEPTION WHEN OTHERS THEN
   RAISE NOTICE 'cnai: zhparser''s word index could not be prepared (% %); search uses bigrams alone',
