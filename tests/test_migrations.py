@@ -160,15 +160,21 @@ async def test_a_listed_zhparser_that_cannot_load_does_not_stop_the_migration(fr
         await conn.close()
 
 
+async def one_photo(conn) -> tuple:
+    """(owner, asset): a user with one photo."""
+    owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('a@test') RETURNING id""")
+    asset = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
+                                   VALUES ($1, '/p.jpg', 'p.jpg', '\\x01') RETURNING id""", owner)
+    return owner, asset
+
+
 async def test_upgrade_retokenizes_ocr_rows_written_before_folding(fresh_dsn, sql_copy):
     """Rows indexed by the tokenizer before it folded Traditional to Simplified keep stale stored tokens until
     202_retokenize rewrites them: after the upgrade a Simplified query finds a Traditional sign indexed before."""
     await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
     conn = await asyncpg.connect(fresh_dsn)
     try:
-        owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('a@test') RETURNING id""")
-        asset = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
-                                       VALUES ($1, '/p.jpg', 'p.jpg', '\\x01') RETURNING id""", owner)
+        owner, asset = await one_photo(conn)
         # as the earlier tokenizer indexed it: no folding
         await conn.execute("""ALTER FUNCTION cnai.zh_fold(text) RENAME TO zh_fold_now;
                               CREATE FUNCTION cnai.zh_fold(t text) RETURNS text LANGUAGE sql IMMUTABLE
@@ -195,9 +201,7 @@ async def test_upgrade_gives_ocr_rows_written_before_their_owner(fresh_dsn, sql_
     await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
     conn = await asyncpg.connect(fresh_dsn)
     try:
-        owner = await conn.fetchval("""INSERT INTO "user" (email) VALUES ('a@test') RETURNING id""")
-        asset = await conn.fetchval("""INSERT INTO asset ("ownerId", "originalPath", "originalFileName", checksum)
-                                       VALUES ($1, '/p.jpg', 'p.jpg', '\\x01') RETURNING id""", owner)
+        owner, asset = await one_photo(conn)
         await conn.execute("INSERT INTO cnai.ocr (asset_id, text, lines, model) VALUES ($1, '发票', '[]', 'm')", asset)
         for name, text in texts.items():
             (sql_copy / name).write_text(text)

@@ -60,6 +60,23 @@ $$;
 -- Exact matches under this many: the fuzzy fallback adds matches with one OCR error allowed, ranked after them.
 CREATE OR REPLACE FUNCTION cnai.fuzzy_below() RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 5;
 
+-- A whole-number setting of cnai's (ALTER DATABASE ... SET, or SET in a session): default_value when unset, a clear
+-- error when it is not a whole number of at least least_value.
+CREATE OR REPLACE FUNCTION cnai.whole_number_setting(name text, default_value integer, least_value integer)
+RETURNS integer LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+  setting text := nullif(btrim(current_setting(name, true)), '');
+BEGIN
+  IF setting IS NULL THEN
+    RETURN default_value;
+  END IF;
+  IF setting !~ '^[0-9]{1,9}$' OR setting::integer < least_value THEN
+    RAISE EXCEPTION '% must be a whole number of at least %, got %', name, least_value, setting
+      USING ERRCODE = 'invalid_parameter_value';
+  END IF;
+  RETURN setting::integer;
+END $$;
+
 -- Matches ranked per search, at most, for a query of several words or phrases: the library's matches with the
 -- shortest texts (the best a match there can score, cnai.ocr_score), chosen without reading a text; only they get
 -- the check whether the words are adjacent as typed, and their full score. A very common character (的, 店)
@@ -68,38 +85,16 @@ CREATE OR REPLACE FUNCTION cnai.fuzzy_below() RETURNS integer LANGUAGE sql IMMUT
 -- out even where the query's words are adjacent there and not in the shorter ones. (A query of one word or phrase
 -- is always exact: its score follows the text's length alone.) The setting `cnai.ocr_candidates` (ALTER DATABASE
 -- ... SET, or SET in a session) changes it; a page deeper than it raises it to the page's end.
-CREATE OR REPLACE FUNCTION cnai.ocr_candidates() RETURNS integer LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
-DECLARE
-  setting text := nullif(btrim(current_setting('cnai.ocr_candidates', true)), '');
-BEGIN
-  IF setting IS NULL THEN
-    RETURN 2000;
-  END IF;
-  IF setting !~ '^[0-9]{1,9}$' OR setting::integer < 1 THEN
-    RAISE EXCEPTION 'cnai.ocr_candidates must be a whole number of at least 1, got %', setting
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  RETURN setting::integer;
-END $$;
+CREATE OR REPLACE FUNCTION cnai.ocr_candidates() RETURNS integer LANGUAGE sql STABLE PARALLEL SAFE
+  RETURN cnai.whole_number_setting('cnai.ocr_candidates', 2000, 1);
 
 -- Photos a user's matches may be looked for among by reading the user's photos shortest text first (the walk of
 -- cnai.ocr_matches_of), at most. The best matches of a common term lie among a user's first photos in that order
 -- and are found there in milliseconds whatever the library's size, where the index reads every match. The walk is
 -- tried when ANALYZE's statistics (cnai.ocr_term_share) say it will likely succeed, and given up for the index
 -- after this many photos. The setting `cnai.ocr_walk_rows` changes it; 0 turns the walk off.
-CREATE OR REPLACE FUNCTION cnai.ocr_walk_rows() RETURNS integer LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
-DECLARE
-  setting text := nullif(btrim(current_setting('cnai.ocr_walk_rows', true)), '');
-BEGIN
-  IF setting IS NULL THEN
-    RETURN 5000;
-  END IF;
-  IF setting !~ '^[0-9]{1,9}$' THEN
-    RAISE EXCEPTION 'cnai.ocr_walk_rows must be a whole number, got %', setting
-      USING ERRCODE = 'invalid_parameter_value';
-  END IF;
-  RETURN setting::integer;
-END $$;
+CREATE OR REPLACE FUNCTION cnai.ocr_walk_rows() RETURNS integer LANGUAGE sql STABLE PARALLEL SAFE
+  RETURN cnai.whole_number_setting('cnai.ocr_walk_rows', 5000, 0);
 
 -- The tsquery with each phrase operator made an AND: the GIN index answers it alone, with no recheck that reads
 -- every match's tokens. Lexemes never hold '<' or '>' (cnai.separator_class splits them out).
