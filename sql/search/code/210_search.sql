@@ -77,99 +77,57 @@ BEGIN
   RETURN setting::integer;
 END $$;
 
--- Matches ranked per search, at most, for a query of several words or phrases: the library's matches with the
--- shortest texts (the best a match there can score, cnai.ocr_score), chosen without reading a text; only they get
--- the check whether the words are adjacent as typed, and their full score. A very common character (的, 店)
--- matches a large share of a big library, and scoring every match cost hundreds of milliseconds. Below this many
--- matches, results are exactly those of ranking every match; above it, a match outside the shortest texts is left
--- out even where the query's words are adjacent there and not in the shorter ones. (A query of one word or phrase
--- is always exact: its score follows the text's length alone.) The setting `cnai.ocr_candidates` (ALTER DATABASE
--- ... SET, or SET in a session) changes it; a page deeper than it raises it to the page's end.
+-- How an `ocr:` search stays quick on a large library: cnai.ocr's text index (ocr_search_keys) holds each lexeme
+-- prefixed with the photo's owner and the bucket of its text's length, so the search reads one user's matches
+-- only, shortest texts first (a match there scores best, cnai.ocr_score), a range of length buckets at a time, and
+-- stops once no text longer than those read could enter the page. A very common character (的, 店) matches tens
+-- of thousands of a user's photos; its page comes from the first few hundred.
+
+-- At most this many matches are read and scored per search, for a query of several words or phrases (whose score
+-- also depends on whether the words are adjacent as typed, so longer texts may still outscore shorter ones):
+-- reading stops earlier as soon as the page is certain. Above it, a match in a longer text is left out even where
+-- the words are adjacent there and not in the shorter ones. A query of one word or phrase never needs it. The
+-- setting `cnai.ocr_candidates` (ALTER DATABASE ... SET, or SET in a session) changes it; a page deeper than it
+-- raises it to the page's end.
 CREATE OR REPLACE FUNCTION cnai.ocr_candidates() RETURNS integer LANGUAGE sql STABLE PARALLEL SAFE
   RETURN cnai.whole_number_setting('cnai.ocr_candidates', 2000, 1);
-
--- Photos a user's matches may be looked for among by reading the user's photos shortest text first (the walk of
--- cnai.ocr_matches_of), at most. The best matches of a common term lie among a user's first photos in that order
--- and are found there in milliseconds whatever the library's size, where the index reads every match. The walk is
--- tried when ANALYZE's statistics (cnai.ocr_term_share) say it will likely succeed, and given up for the index
--- after this many photos. The setting `cnai.ocr_walk_rows` changes it; 0 turns the walk off.
-CREATE OR REPLACE FUNCTION cnai.ocr_walk_rows() RETURNS integer LANGUAGE sql STABLE PARALLEL SAFE
-  RETURN cnai.whole_number_setting('cnai.ocr_walk_rows', 5000, 0);
 
 -- The tsquery with each phrase operator made an AND: the GIN index answers it alone, with no recheck that reads
 -- every match's tokens. Lexemes never hold '<' or '>' (cnai.separator_class splits them out).
 CREATE OR REPLACE FUNCTION cnai.tsquery_unordered(q tsquery) RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE
   RETURN regexp_replace(q::text, ' <(-|[0-9]+)> ', ' & ', 'g')::tsquery;
 
--- The share of photos whose text likely matches q, an AND of lexemes: its rarest lexeme's share among the most
--- common ones that ANALYZE keeps for cnai.ocr.tokens. 0 when a lexeme is not among them (rare: the index is
--- quick), when q holds another operator, or before the first ANALYZE.
-CREATE OR REPLACE FUNCTION cnai.ocr_term_share(q tsquery) RETURNS float8 LANGUAGE sql STABLE AS $$
-  WITH lexemes AS (
-    SELECT replace(m[1], '''''', '''') AS lexeme
-      FROM regexp_matches(q::text, '''((?:[^'']|'''')*)''(?::\*)?', 'g') AS m
-  ), stats AS (
-    SELECT s.most_common_elems::text::text[] AS elems, s.most_common_elem_freqs AS freqs
-      FROM pg_catalog.pg_stats s WHERE s.schemaname = 'cnai' AND s.tablename = 'ocr' AND s.attname = 'tokens'
-  )
-  SELECT CASE WHEN regexp_replace(q::text, '''(?:[^'']|'''')*''(?::\*)?', '', 'g') ~ '^[&() ]*$'
-              THEN coalesce((SELECT min(coalesce(st.freqs[array_position(st.elems, l.lexeme)], 0))
-                               FROM lexemes l CROSS JOIN stats st), 0)
-              ELSE 0 END;
+-- `unordered` (no phrase operators: cnai.tsquery_unordered) as a query of ocr_search_keys: its matches among the
+-- texts of owners whose length is in buckets lo..hi.
+CREATE OR REPLACE FUNCTION cnai.ocr_keys_query(unordered tsquery, owners uuid[], lo integer, hi integer)
+RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT string_agg('(' || regexp_replace(unordered::text, '''((?:[^'']|'''')*)''',
+                                          '''' || cnai.ocr_key_prefix(o, b) || '\1''', 'g') || ')', ' | ')::tsquery
+    FROM (SELECT DISTINCT o FROM unnest(owners) AS o WHERE o IS NOT NULL) AS d(o), generate_series(lo, hi) b;
 $$;
 
--- One owner's `candidates` matches with the shortest texts, shortest first (ties by id): photos the search may show
--- whose text matches must and not must_not (NULL: nothing excluded). Two ways to the same answer:
---  * walk: the owner's photos shortest text first (ocr_owner_length), each checked, until enough match; given up
---    for the index after cnai.ocr_walk_rows() photos;
---  * index: the owner's matches of must's terms (ocr_owner_tokens), shortest first, each checked until enough.
-CREATE OR REPLACE FUNCTION cnai.ocr_matches_of(owner uuid, must tsquery, must_not tsquery, candidates integer,
-                                               walk boolean, owner_ids uuid[], visibilities text[],
-                                               locked_owner uuid)
-RETURNS TABLE (asset_id uuid, text_chars integer) LANGUAGE plpgsql STABLE AS $$
-#variable_conflict use_column
-DECLARE
-  walk_rows integer := cnai.ocr_walk_rows();
-  ids uuid[];
-  lengths integer[];
-  -- what the index is asked: must's terms in any order, and the owner's lexeme
-  indexed tsquery := cnai.tsquery_unordered(must) && cnai.tsquery_lexeme(cnai.owner_lexeme(owner))::tsquery;
-BEGIN
-  IF walk AND walk_rows > 0 THEN
-    SELECT array_agg(w.asset_id ORDER BY w.text_chars, w.asset_id),
-           array_agg(w.text_chars ORDER BY w.text_chars, w.asset_id)
-      INTO ids, lengths
-      FROM (SELECT m.asset_id, m.text_chars
-              FROM (SELECT o.asset_id, o.text_chars, o.tokens FROM cnai.ocr o
-                     WHERE o.owner_id = owner AND o.text_chars > 0
-                     ORDER BY o.text_chars, o.asset_id LIMIT walk_rows) m
-             WHERE m.tokens @@ must AND NOT coalesce(m.tokens @@ must_not, false)
-               AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                                                owner_ids, visibilities, locked_owner)
-                      FROM public.asset a WHERE a.id = m.asset_id)
-             LIMIT candidates) w;
-    -- enough found, or every photo of the owner read: that is the answer
-    IF coalesce(array_length(ids, 1), 0) >= candidates
-       OR (SELECT count(*) FROM (SELECT FROM cnai.ocr o WHERE o.owner_id = owner AND o.text_chars > 0
-                                  LIMIT walk_rows) n) < walk_rows THEN
-      RETURN QUERY SELECT * FROM unnest(ids, lengths);
-      RETURN;
-    END IF;
-  END IF;
-  RETURN QUERY
-    SELECT m.asset_id, m.text_chars
-      FROM (SELECT o.asset_id, o.text_chars FROM cnai.ocr o
-             WHERE cnai.ocr_search_tokens(o.owner_id, o.tokens) @@ indexed AND o.owner_id = owner
-             ORDER BY o.text_chars, o.asset_id OFFSET 0) m
-     -- checked one by one in order (subqueries, not joins), so only rows up to the last one kept are read
-     WHERE (SELECT o.tokens @@ must AND NOT coalesce(o.tokens @@ must_not, false)
-              FROM cnai.ocr o WHERE o.asset_id = m.asset_id)
-       AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                                        owner_ids, visibilities, locked_owner)
-              FROM public.asset a WHERE a.id = m.asset_id)
-     ORDER BY m.text_chars, m.asset_id
-     LIMIT candidates;
-END $$;
+-- The terms the index is asked for: `unordered` itself, or for an AND of more than 16 distinct lexemes, 16 of them
+-- (the rows found are checked against all): a 256-character query would make an index query too large.
+CREATE OR REPLACE FUNCTION cnai.ocr_index_terms(unordered tsquery) RETURNS tsquery LANGUAGE sql IMMUTABLE
+PARALLEL SAFE AS $$
+  SELECT CASE WHEN regexp_replace(unordered::text, '''(?:[^'']|'''')*''(?::\*)?', '', 'g') ~ '^[&() ]*$'
+               AND numnode(unordered) > 31
+              THEN (SELECT string_agg(l, ' & ')
+                      FROM (SELECT DISTINCT m[1] AS l
+                              FROM regexp_matches(unordered::text, '(''(?:[^'']|'''')*''(?::\*)?)', 'g') AS m
+                             ORDER BY 1 LIMIT 16) AS x)::tsquery
+              ELSE unordered END;
+$$;
+
+-- The ranges of length buckets (cnai.length_bucket) a search reads in turn, by their last bucket: the first holds
+-- texts of up to 5 characters; the last, 182 characters and more.
+CREATE OR REPLACE FUNCTION cnai.ocr_bucket_ranges() RETURNS integer[] LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  RETURN ARRAY[4, 6, 8, 10, 12, 14, 24];
+
+-- The shortest text a bucket holds.
+CREATE OR REPLACE FUNCTION cnai.bucket_least_chars(bucket integer) RETURNS integer LANGUAGE sql IMMUTABLE
+PARALLEL SAFE
+  RETURN ceil(power(2.0, bucket / 2.0) - 1e-9)::integer;
 
 -- The word pass of cnai.search_ocr, where zhparser is usable: texts that hold the query's words anywhere (words,
 -- AND-ed: cnai.zh_words_query) but not the query as typed (exact), shortest texts first, as the exact pass picks.
@@ -203,18 +161,28 @@ DECLARE
   -- would parse it again for every row
   q record := cnai.zh_query(q_text);
   one_group boolean := q.exact = q.phrase;
-  found_before integer := 0;
-  found_now integer;
-  must tsquery := q.exact;
-  must_not tsquery;
   bound integer := greatest(cnai.ocr_candidates(), lim);
   -- NULL without a usable zhparser: bigrams alone. Not for one character: the word index holds every character
   -- (multi modes), so the words would change no rank and only cost a segmentation per candidate.
   words tsquery := CASE WHEN q.query_chars > 1 THEN cnai.zh_words_query(q_text) END;
-  -- one word or phrase: the score follows the text's length alone (unless zhparser's words add to it), so the
-  -- shortest matches are the page
-  candidates integer := CASE WHEN one_group AND words IS NULL THEN lim ELSE bound END;
-  walk boolean;
+  found_before integer := 0;
+  found_now integer;
+  must tsquery := q.exact;
+  must_not tsquery;
+  -- the score follows the text's length alone: the shortest matches are the page
+  by_length boolean;
+  index_exact boolean;
+  index_terms tsquery;
+  keys tsquery;
+  lo integer;
+  hi integer;
+  ids uuid[];
+  lengths integer[];
+  typed boolean[];
+  more_ids uuid[];
+  more_lengths integer[];
+  more_typed boolean[];
+  page_floor float8;
 BEGIN
   -- exact matches, then (when they are few) those with the query's words anywhere, then the fuzzy fallback's
   -- others, each ranked after the ones before
@@ -222,7 +190,7 @@ BEGIN
     IF fuzzy = 1 AND words IS NOT NULL AND found_before < least(lim, cnai.fuzzy_below()) THEN
       RETURN QUERY SELECT w.asset_id, w.score, found_before + w.ocr_rank
                      FROM cnai.search_ocr_words(words, q.exact, q.query_chars, owner_ids, lim - found_before,
-                                                candidates, visibilities, locked_owner) w;
+                                                bound, visibilities, locked_owner) w;
       GET DIAGNOSTICS found_now = ROW_COUNT;
       found_before := found_before + found_now;
     END IF;
@@ -230,28 +198,58 @@ BEGIN
       EXIT WHEN found_before >= least(lim, cnai.fuzzy_below()) OR q.fuzzy = q.exact;
       must := q.fuzzy;
       must_not := q.exact;
-      candidates := bound;
     END IF;
     EXIT WHEN must IS NULL;
-    -- walk a user's photos when the term is common enough that its matches likely lie among the first ones
-    walk := fuzzy = 0 AND candidates <= cnai.ocr_term_share(cnai.tsquery_unordered(must)) * cnai.ocr_walk_rows();
+    index_terms := cnai.ocr_index_terms(cnai.tsquery_unordered(must));
+    -- a fuzzy query of a long run holds a variant per character: too large an index query for what it finds
+    EXIT WHEN fuzzy = 1 AND numnode(index_terms) * cardinality(owner_ids) > 1000;
+    by_length := fuzzy = 1 OR (one_group AND words IS NULL);
+    -- the index answers must exactly (no phrase in it, nothing to exclude): no text needs reading to check it
+    index_exact := must = index_terms AND must_not IS NULL;
+    ids := '{}';
+    lengths := '{}';
+    typed := '{}';
+    lo := 0;
+    -- the owners' matches, a range of length buckets at a time, each checked in order (subqueries, not joins, so
+    -- only rows up to the last one kept are read)
+    FOREACH hi IN ARRAY cnai.ocr_bucket_ranges() LOOP
+      keys := cnai.ocr_keys_query(index_terms, owner_ids, lo, hi);
+      SELECT coalesce(array_agg(m.asset_id ORDER BY m.text_chars, m.asset_id), '{}'),
+             coalesce(array_agg(m.text_chars ORDER BY m.text_chars, m.asset_id), '{}'),
+             coalesce(array_agg(m.typed ORDER BY m.text_chars, m.asset_id), '{}')
+        INTO more_ids, more_lengths, more_typed
+        FROM (SELECT m.asset_id, m.text_chars,
+                     one_group OR (SELECT o.tokens @@ q.phrase FROM cnai.ocr o WHERE o.asset_id = m.asset_id) AS typed
+                FROM (SELECT o.asset_id, o.text_chars FROM cnai.ocr o
+                       WHERE cnai.ocr_search_keys(o.owner_id, o.text_chars, o.tokens) @@ keys
+                         AND o.owner_id = ANY (owner_ids)
+                       ORDER BY o.text_chars, o.asset_id OFFSET 0) m
+               WHERE (index_exact OR (SELECT o.tokens @@ must AND NOT coalesce(o.tokens @@ must_not, false)
+                                        FROM cnai.ocr o WHERE o.asset_id = m.asset_id))
+                 AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                                  owner_ids, visibilities, locked_owner)
+                        FROM public.asset a WHERE a.id = m.asset_id)
+               ORDER BY m.text_chars, m.asset_id
+               LIMIT CASE WHEN by_length THEN lim - found_before ELSE bound END - cardinality(ids)) m;
+      ids := ids || more_ids;
+      lengths := lengths || more_lengths;
+      typed := typed || more_typed;
+      EXIT WHEN cardinality(ids) >= CASE WHEN by_length THEN lim - found_before ELSE bound END;
+      -- enough when the page's last score is at least the best a longer text could get
+      IF NOT by_length AND cardinality(ids) >= lim - found_before AND words IS NULL THEN
+        SELECT s INTO page_floor
+          FROM unnest(lengths, typed) AS x(n, t), cnai.ocr_score(n, q.query_chars, t, false) AS s
+         ORDER BY s DESC OFFSET lim - found_before - 1 LIMIT 1;
+        EXIT WHEN page_floor >= cnai.ocr_score(cnai.bucket_least_chars(hi + 1), q.query_chars, true, false);
+      END IF;
+      lo := hi + 1;
+    END LOOP;
     RETURN QUERY
-      WITH shortest AS MATERIALIZED (
-        SELECT m.asset_id, m.text_chars
-          FROM (SELECT DISTINCT u FROM unnest(owner_ids) AS u WHERE u IS NOT NULL) AS u(owner)
-         CROSS JOIN LATERAL cnai.ocr_matches_of(u.owner, must, must_not, candidates, walk, owner_ids,
-                                                 visibilities, locked_owner) m
-         ORDER BY m.text_chars, m.asset_id
-         LIMIT candidates
-      )
       SELECT c.asset_id, s.score,
              found_before + (row_number() OVER (ORDER BY s.score DESC, c.text_chars, c.asset_id))::integer
-        FROM shortest c
+        FROM unnest(ids, lengths, typed) AS c(asset_id, text_chars, typed)
        CROSS JOIN LATERAL (
-             SELECT cnai.ocr_score(c.text_chars, q.query_chars,
-                                   one_group OR (SELECT o.tokens @@ q.phrase FROM cnai.ocr o
-                                                  WHERE o.asset_id = c.asset_id),
-                                   fuzzy = 1,
+             SELECT cnai.ocr_score(c.text_chars, q.query_chars, c.typed, fuzzy = 1,
                                    CASE WHEN fuzzy = 0 AND words IS NOT NULL
                                         THEN (SELECT cnai.zh_words(o.text) @@ words FROM cnai.ocr o
                                                WHERE o.asset_id = c.asset_id) END) AS score) s
