@@ -158,8 +158,8 @@ async def load(dsn: str, docs: int, owners: int, seed: int, with_clip: bool, wor
         ids = [r[0] for r in await conn.fetch("SELECT id FROM asset ORDER BY \"originalPath\"")]
         # indexes go after the load (faster, and their build time is one of the figures)
         index_defs = {f'{r["schemaname"]}.{r["indexname"]}': r["indexdef"] for r in await conn.fetch(
-            "SELECT schemaname, indexname, indexdef FROM pg_indexes WHERE indexname IN ('ocr_owner_tokens', "
-            "'ocr_owner_length', 'clip_embedding', 'idx_ocr_search_text')")}
+            "SELECT schemaname, indexname, indexdef FROM pg_indexes WHERE indexname IN ('ocr_search_keys', "
+            "'clip_embedding', 'idx_ocr_search_text')")}
         for name in index_defs:
             await conn.execute(f"DROP INDEX {name}")
     finally:

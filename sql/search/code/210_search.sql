@@ -46,16 +46,18 @@ DROP FUNCTION IF EXISTS cnai.ocr_match_score(tsvector, text, tsquery, text);
 DROP FUNCTION IF EXISTS cnai.ocr_score(text, integer, boolean, boolean);
 DROP FUNCTION IF EXISTS cnai.ocr_score(integer, integer, boolean, boolean);
 -- text_chars: the photo's cnai.searchable_chars (cnai.ocr.text_chars).
+CREATE OR REPLACE FUNCTION cnai.ocr_text_share(text_chars integer, query_chars integer) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  RETURN least(1.0, query_chars::float8 / greatest(1, text_chars));
+-- A single expression, so that PostgreSQL inlines it where a search scores thousands of matches.
 CREATE OR REPLACE FUNCTION cnai.ocr_score(text_chars integer, query_chars integer, as_typed boolean, fuzzy boolean,
                                           words boolean DEFAULT NULL)
-RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-  SELECT CASE WHEN fuzzy AND words THEN 0.45 + 0.05 * share
-              WHEN fuzzy THEN 0.45 * share
-              WHEN words IS NULL THEN 0.5 + 0.5 * share * typed
-              ELSE CASE WHEN words THEN 0.75 ELSE 0.5 END + 0.25 * share * typed END
-    FROM (SELECT least(1.0, query_chars::float8 / greatest(1, text_chars)),
-                 CASE WHEN as_typed THEN 1.0 ELSE 0.5 END) AS s(share, typed);
-$$;
+RETURNS float8 LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  RETURN CASE WHEN fuzzy AND words THEN 0.45 + 0.05 * cnai.ocr_text_share(text_chars, query_chars)
+              WHEN fuzzy THEN 0.45 * cnai.ocr_text_share(text_chars, query_chars)
+              ELSE CASE WHEN words IS NULL THEN 0.5 WHEN words THEN 0.75 ELSE 0.5 END
+                   + CASE WHEN words IS NULL THEN 0.5 ELSE 0.25 END * cnai.ocr_text_share(text_chars, query_chars)
+                     * CASE WHEN as_typed THEN 1.0 ELSE 0.5 END END;
 
 -- Exact matches under this many: the fuzzy fallback adds matches with one OCR error allowed, ranked after them.
 CREATE OR REPLACE FUNCTION cnai.fuzzy_below() RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE RETURN 5;
@@ -237,9 +239,9 @@ BEGIN
       EXIT WHEN cardinality(ids) >= CASE WHEN by_length THEN lim - found_before ELSE bound END;
       -- enough when the page's last score is at least the best a longer text could get
       IF NOT by_length AND cardinality(ids) >= lim - found_before AND words IS NULL THEN
-        SELECT s INTO page_floor
-          FROM unnest(lengths, typed) AS x(n, t), cnai.ocr_score(n, q.query_chars, t, false) AS s
-         ORDER BY s DESC OFFSET lim - found_before - 1 LIMIT 1;
+        SELECT cnai.ocr_score(x.n, q.query_chars, x.t, false) INTO page_floor
+          FROM unnest(lengths, typed) AS x(n, t)
+         ORDER BY 1 DESC OFFSET lim - found_before - 1 LIMIT 1;
         EXIT WHEN page_floor >= cnai.ocr_score(cnai.bucket_least_chars(hi + 1), q.query_chars, true, false);
       END IF;
       lo := hi + 1;
