@@ -100,7 +100,10 @@ async def test_results_written_before_the_table_existed_count_as_runs(fresh_dsn,
     """An existing database: results from before cnai.task_run are runs, so upgrading queues nothing new."""
     held_back = sql_copy.parent / "held-back"
     held_back.mkdir()
-    new_files = [sql_copy / "results" / "schema" / "201_task_run.sql", *(sql_copy / "results" / "code").glob("*")]
+    # cnai.task_run and what came after it (204's owner column needs 222's trigger)
+    new_files = [sql_copy / "results" / "schema" / "201_task_run.sql",
+                 sql_copy / "results" / "schema" / "204_ocr_owner.sql",
+                 *(sql_copy / "results" / "code").glob("*")]
     for f in new_files:
         shutil.move(f, held_back / f.name)
     await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)
@@ -122,7 +125,7 @@ async def test_results_written_before_the_table_existed_count_as_runs(fresh_dsn,
                 with_faces, x, x + 50, vector)
 
         for f in held_back.iterdir():
-            target = sql_copy / "results" / ("schema" if f.name.startswith("201_") else "code") / f.name
+            target = sql_copy / "results" / ("schema" if f.name.startswith(("201_", "204_")) else "code") / f.name
             target.parent.mkdir(exist_ok=True)
             shutil.move(f, target)
         await migrate(fresh_dsn, standalone=True, sql_root=sql_copy)

@@ -280,10 +280,11 @@ RETURNS TABLE (asset_id uuid, distance float8) LANGUAGE plpgsql STABLE
 SET enable_sort = off SET enable_seqscan = off AS $$
 #variable_conflict use_column
 BEGIN
-  -- filters apply after the HNSW scan; let pgvector (>= 0.8) keep scanning until enough rows pass them
+  -- filters apply after the HNSW scan; let pgvector (>= 0.8) keep scanning until enough rows pass them. A candidate
+  -- list twice the page keeps its recall (the scan past other users' photos costs the same either way).
   BEGIN
     PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-    PERFORM set_config('hnsw.ef_search', greatest(40, least(lim, 1000))::text, true);
+    PERFORM set_config('hnsw.ef_search', greatest(40, least(2 * lim, 1000))::text, true);
   EXCEPTION WHEN OTHERS THEN
     NULL;
   END;
