@@ -280,11 +280,10 @@ RETURNS TABLE (asset_id uuid, distance float8) LANGUAGE plpgsql STABLE
 SET enable_sort = off SET enable_seqscan = off AS $$
 #variable_conflict use_column
 BEGIN
-  -- filters apply after the HNSW scan; let pgvector (>= 0.8) keep scanning until enough rows pass them. A candidate
-  -- list twice the page keeps its recall (the scan past other users' photos costs the same either way).
+  -- filters apply after the HNSW scan; let pgvector (>= 0.8) keep scanning until enough rows pass them
   BEGIN
     PERFORM set_config('hnsw.iterative_scan', 'relaxed_order', true);
-    PERFORM set_config('hnsw.ef_search', greatest(40, least(2 * lim, 1000))::text, true);
+    PERFORM set_config('hnsw.ef_search', greatest(40, least(lim, 1000))::text, true);
   EXCEPTION WHEN OTHERS THEN
     NULL;
   END;
@@ -367,8 +366,8 @@ BEGIN
     RETURN;
   END IF;
   -- each branch contributes as deep as the page reaches. Twice that depth (as Supabase's and ParadeDB's hybrid
-  -- search take) doubled the CLIP branch's cost on a large library and changed 2-11 of a page's 100 results
-  -- (bench/search_scale.py prints the overlap).
+  -- search take) doubled the CLIP branch's cost on a large library, which the HNSW scan past other users' photos
+  -- dominates; it changes the page's lower part (bench/search_scale.py prints how much).
   branch := least(lim + offset_, 2000);
   RETURN QUERY
     SELECT coalesce(o.asset_id, c.asset_id),
