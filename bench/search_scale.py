@@ -291,6 +291,7 @@ async def measure(dsn: str, users: list, limit: int, clients: int, seconds: floa
                     immich.setdefault(cls, []).append((time.perf_counter() - t) * 1000)
         await conns[0].execute("RESET statement_timeout")
         overlap = await hybrid_page_overlap(conns[0], users, limit, seed) if with_clip else []
+        bounded = await bounded_page_overlap(conns[0], users, limit)
 
         together: dict[str, list[float]] = {}
         done = 0
@@ -310,7 +311,24 @@ async def measure(dsn: str, users: list, limit: int, clients: int, seconds: floa
             await pool.release(c)
     finally:
         await pool.close()
-    return alone, immich, together, done, matches, overlap
+    return alone, immich, together, done, matches, overlap, bounded
+
+
+async def bounded_page_overlap(conn, users: list, limit: int) -> dict[str, float]:
+    """For several-word queries: results a page shares with ranking every match (cnai.ocr_candidates unbounded),
+    on average over 4 users."""
+    queries = ["发票 北京", "奶茶 半价", "WiFi 5G", "发票 半价", "咖啡 优惠", "地铁 出口", "北京 上海", "银行 ATM"]
+    shared = {}
+    for q in queries:
+        counts = []
+        for user in users[:4]:
+            page = {r[0] for r in await conn.fetch(SEARCH, "ocr:" + q, None, user, limit)}
+            async with conn.transaction():
+                await conn.execute("SET LOCAL cnai.ocr_candidates = 100000000")
+                every = {r[0] for r in await conn.fetch(SEARCH, "ocr:" + q, None, user, limit)}
+            counts.append(len(page & every) / max(1, len(every)))
+        shared[q] = statistics.mean(counts)
+    return shared
 
 
 async def hybrid_page_overlap(conn, users: list, limit: int, seed: int) -> list[int]:
@@ -334,6 +352,14 @@ async def hybrid_page_overlap(conn, users: list, limit: int, seed: int) -> list[
                                                      limit, 2 * limit)]
             shared.append(len(set(page) & set(deeper)))
     return shared
+
+
+async def bound_setting(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT cnai.ocr_candidates()")
+    finally:
+        await conn.close()
 
 
 def mib(n: int) -> str:
@@ -369,7 +395,7 @@ async def run(args, dsn: str) -> None:
         for name, size in loaded["sizes"].items():
             print(f"  size of {name:26s} {mib(size)}")
 
-    alone, immich, together, done, matches, overlap = await measure(
+    alone, immich, together, done, matches, overlap, bounded = await measure(
         dsn, users, args.limit, args.clients, args.seconds, args.rounds, args.seed, not args.no_clip)
     print(f"\ncnai.search, page of {args.limit}, one user of {len(users)} "
           f"(matches for user 1 in brackets); Immich 3.1's own OCR query beside it; ms")
@@ -384,6 +410,9 @@ async def run(args, dsn: str) -> None:
         print(f"{label:34s}"[:34] + f" {a[0]:14.1f} {a[1]:7.1f} {a[2]:7.1f}   {im}   "
               f"{b[0]:15.1f} {b[1]:7.1f} {b[2]:7.1f}")
     print(f"{args.clients} clients: {done / args.seconds:.1f} searches/s over {args.seconds:.0f} s")
+    bound = await bound_setting(dsn)
+    print(f"several words, cnai.ocr_candidates = {bound}: share of a page that ranking every match gives: "
+          + ", ".join(f"{q} {v:.0%}" for q, v in bounded.items()))
     if overlap:
         print(f"hybrid: a page shares {statistics.mean(overlap):.1f} of its {args.limit} results (min {min(overlap)}) "
               f"with branches taken twice as deep ({len(overlap)} searches)")

@@ -88,11 +88,12 @@ END $$;
 -- At most this many matches are read and scored per search, for a query of several words or phrases (whose score
 -- also depends on whether the words are adjacent as typed, so longer texts may still outscore shorter ones):
 -- reading stops earlier as soon as the page is certain. Above it, a match in a longer text is left out even where
--- the words are adjacent there and not in the shorter ones. A query of one word or phrase never needs it. The
--- setting `cnai.ocr_candidates` (ALTER DATABASE ... SET, or SET in a session) changes it; a page deeper than it
--- raises it to the page's end.
+-- the words are adjacent there and not in the shorter ones. 500 changed no page of 100 against ranking every match
+-- (the labelled set; 32 searches of a million photos, bench/search_scale.py) and halved the 8-client p95 of such
+-- queries there against 2000. A query of one word or phrase never needs it. The setting `cnai.ocr_candidates`
+-- (ALTER DATABASE ... SET, or SET in a session) changes it; a page deeper than it raises it to the page's end.
 CREATE OR REPLACE FUNCTION cnai.ocr_candidates() RETURNS integer LANGUAGE sql STABLE PARALLEL SAFE
-  RETURN cnai.whole_number_setting('cnai.ocr_candidates', 2000, 1);
+  RETURN cnai.whole_number_setting('cnai.ocr_candidates', 500, 1);
 
 -- The tsquery with each phrase operator made an AND: the GIN index answers it alone, with no recheck that reads
 -- every match's tokens. Lexemes never hold '<' or '>' (cnai.separator_class splits them out).
