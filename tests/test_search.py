@@ -526,3 +526,13 @@ async def test_a_large_users_clip_search_goes_through_the_hnsw_index(db):
     plans = await plans_of(db, search, emb, [small])
     assert not any("clip_embedding" in p for p in plans), plans
     assert [r["asset_id"] for r in await db.fetch(search, emb, [small])] == [theirs]
+
+
+async def test_a_long_query_across_many_users_does_not_raise(db):
+    """The index query holds each term once per owner and length bucket: a long query across many users (an
+    administrator's search of a large server) asks the index for fewer terms, never for too large a tsquery."""
+    owners = [await make_user(db) for _ in range(300)]
+    text = "增值税专用发票 南京市长江大桥 营业时间 欢迎光临"
+    hit = await add_ocr(db, owners[-1], text)
+    await add_ocr(db, owners[0], "增值税 南京 营业 欢迎")
+    assert await ids(db, "ocr:" + text, owners) == [hit]

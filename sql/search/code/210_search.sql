@@ -109,16 +109,18 @@ RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     FROM (SELECT DISTINCT o FROM unnest(owners) AS o WHERE o IS NOT NULL) AS d(o), generate_series(lo, hi) b;
 $$;
 
--- The terms the index is asked for: `unordered` itself, or for an AND of more than 16 distinct lexemes, 16 of them
--- (the rows found are checked against all): a 256-character query would make an index query too large.
-CREATE OR REPLACE FUNCTION cnai.ocr_index_terms(unordered tsquery) RETURNS tsquery LANGUAGE sql IMMUTABLE
-PARALLEL SAFE AS $$
+-- The terms the index is asked for: `unordered` itself, or, for an AND of more than most_terms distinct lexemes,
+-- most_terms of them (the rows found are checked against all). The index query holds each term once per owner and
+-- length bucket: a 256-character query, or an administrator's search of every user on a large server, would make
+-- it too large for a tsquery.
+CREATE OR REPLACE FUNCTION cnai.ocr_index_terms(unordered tsquery, most_terms integer) RETURNS tsquery
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
   SELECT CASE WHEN regexp_replace(unordered::text, '''(?:[^'']|'''')*''(?::\*)?', '', 'g') ~ '^[&() ]*$'
-               AND numnode(unordered) > 31
+               AND numnode(unordered) > 2 * most_terms - 1
               THEN (SELECT string_agg(l, ' & ')
                       FROM (SELECT DISTINCT m[1] AS l
                               FROM regexp_matches(unordered::text, '(''(?:[^'']|'''')*''(?::\*)?)', 'g') AS m
-                             ORDER BY 1 LIMIT 16) AS x)::tsquery
+                             ORDER BY 1 LIMIT most_terms) AS x)::tsquery
               ELSE unordered END;
 $$;
 
@@ -203,7 +205,9 @@ BEGIN
       must_not := q.exact;
     END IF;
     EXIT WHEN must IS NULL;
-    index_terms := cnai.ocr_index_terms(cnai.tsquery_unordered(must));
+    -- at most 16 terms, fewer for many owners (about 500 per bucket in all)
+    index_terms := cnai.ocr_index_terms(cnai.tsquery_unordered(must),
+                                        greatest(1, least(16, 500 / greatest(1, cardinality(owner_ids)))));
     -- a fuzzy query of a long run holds a variant per character: too large an index query for what it finds
     EXIT WHEN fuzzy = 1 AND numnode(index_terms) * cardinality(owner_ids) > 1000;
     by_length := fuzzy = 1 OR (one_group AND words IS NULL);
