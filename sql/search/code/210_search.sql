@@ -176,6 +176,8 @@ DECLARE
   must_not tsquery;
   -- the score follows the text's length alone: the shortest matches are the page
   by_length boolean;
+  -- matches this pass reads at most: the rest of the page, or (scores not by length alone) the bound
+  wanted integer;
   index_exact boolean;
   index_terms tsquery;
   keys tsquery;
@@ -211,6 +213,7 @@ BEGIN
     -- a fuzzy query of a long run holds a variant per character: too large an index query for what it finds
     EXIT WHEN fuzzy = 1 AND numnode(index_terms) * cardinality(owner_ids) > 1000;
     by_length := fuzzy = 1 OR (one_group AND words IS NULL);
+    wanted := CASE WHEN by_length THEN lim - found_before ELSE bound END;
     -- the index answers must exactly (no phrase in it, nothing to exclude): no text needs reading to check it
     index_exact := must = index_terms AND must_not IS NULL;
     ids := '{}';
@@ -237,11 +240,11 @@ BEGIN
                                                   owner_ids, visibilities, locked_owner)
                         FROM public.asset a WHERE a.id = m.asset_id)
                ORDER BY m.text_chars, m.asset_id
-               LIMIT CASE WHEN by_length THEN lim - found_before ELSE bound END - cardinality(ids)) m;
+               LIMIT wanted - cardinality(ids)) m;
       ids := ids || more_ids;
       lengths := lengths || more_lengths;
       typed := typed || more_typed;
-      EXIT WHEN cardinality(ids) >= CASE WHEN by_length THEN lim - found_before ELSE bound END;
+      EXIT WHEN cardinality(ids) >= wanted;
       -- enough when the page's last score is at least the best a longer text could get
       IF NOT by_length AND cardinality(ids) >= lim - found_before AND words IS NULL THEN
         SELECT cnai.ocr_score(x.n, q.query_chars, x.t, false) INTO page_floor
