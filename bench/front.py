@@ -28,7 +28,7 @@ from aiohttp import web
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cnai.db import migrate  # noqa: E402
-from cnai.embedded import EmbeddedServer, scratch_folder  # noqa: E402
+from cnai.embedded import scratch_server  # noqa: E402
 from cnai.settings import Settings  # noqa: E402
 from cnai.wiring import build_front, build_pool  # noqa: E402
 from front.database import SEARCH  # noqa: E402
@@ -130,39 +130,34 @@ async def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    with scratch_folder("cnai-bench-front-") as tmp:
-        server = EmbeddedServer(tmp / "pg")
-        server.start()
-        try:
-            dsn = server.dsn()
-            await migrate(dsn, standalone=True)
-            user = await seed(dsn, args.assets, args.matches)
-            immich = web.AppRunner(immich_stand_in({"id": user}), access_log=None)
-            await immich.setup()
-            await web.TCPSite(immich, "127.0.0.1", 0).start()
-            immich_port = immich.addresses[0][1]
+    with scratch_server("cnai-bench-front-") as server:
+        dsn = server.dsn()
+        await migrate(dsn, standalone=True)
+        user = await seed(dsn, args.assets, args.matches)
+        immich = web.AppRunner(immich_stand_in({"id": user}), access_log=None)
+        await immich.setup()
+        await web.TCPSite(immich, "127.0.0.1", 0).start()
+        immich_port = immich.addresses[0][1]
 
-            settings = Settings()
-            settings.immich_url = f"http://127.0.0.1:{immich_port}"
-            settings.models_dir = tmp / "models"
-            pool = build_pool(settings)
-            front = build_front(pool, settings, dsn)
-            door = web.AppRunner(front.door_app(), access_log=None)
-            await door.setup()
-            await web.TCPSite(door, "127.0.0.1", 0).start()
-            front_url = f"http://127.0.0.1:{door.addresses[0][1]}"
-            try:
-                print(f"{args.assets} photos, {args.matches} with the word; {args.runs} rounds each, medians")
-                for size in sorted({args.size, 10}):
-                    direct, through, found = await measure(dsn, front_url, user, size, args.runs)
-                    print(f"page of {size:4d} ({found} results): cnai.search {direct * 1000:7.2f} ms   "
-                          f"front {through * 1000:7.2f} ms   front / cnai.search = {through / direct:5.1f}x")
-            finally:
-                await door.cleanup()
-                await immich.cleanup()
-                await pool.close()
+        settings = Settings()
+        settings.immich_url = f"http://127.0.0.1:{immich_port}"
+        settings.models_dir = server.data_dir.parent / "models"  # the scratch folder: no models
+        pool = build_pool(settings)
+        front = build_front(pool, settings, dsn)
+        door = web.AppRunner(front.door_app(), access_log=None)
+        await door.setup()
+        await web.TCPSite(door, "127.0.0.1", 0).start()
+        front_url = f"http://127.0.0.1:{door.addresses[0][1]}"
+        try:
+            print(f"{args.assets} photos, {args.matches} with the word; {args.runs} rounds each, medians")
+            for size in sorted({args.size, 10}):
+                direct, through, found = await measure(dsn, front_url, user, size, args.runs)
+                print(f"page of {size:4d} ({found} results): cnai.search {direct * 1000:7.2f} ms   "
+                      f"front {through * 1000:7.2f} ms   front / cnai.search = {through / direct:5.1f}x")
         finally:
-            server.destroy()
+            await door.cleanup()
+            await immich.cleanup()
+            await pool.close()
 
 
 if __name__ == "__main__":

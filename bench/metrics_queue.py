@@ -30,7 +30,7 @@ import asyncpg  # noqa: E402
 
 from cnai import admin  # noqa: E402
 from cnai.db import migrate  # noqa: E402
-from cnai.embedded import EmbeddedServer, scratch_folder  # noqa: E402
+from cnai.embedded import scratch_server  # noqa: E402
 
 
 async def before(conn) -> None:
@@ -72,27 +72,22 @@ async def seed(conn, assets: int, done: int, queued: int) -> None:
 
 async def main(args) -> None:
     logging.basicConfig(level=logging.WARNING)
-    with scratch_folder("cnai-bench-metrics-") as tmp:
-        server = EmbeddedServer(tmp / "pg")
-        server.start()
-        try:
-            dsn = server.dsn()
-            await migrate(dsn, standalone=True)
-            conn = await asyncpg.connect(dsn)
-            await seed(conn, args.assets, args.done, args.queued)
-            jobs = await conn.fetchval("SELECT count(*) FROM cnai.job")
-            times = {"before": [], "after": []}
-            for read in (before, after):  # warm the cache and the plans
+    with scratch_server("cnai-bench-metrics-") as server:
+        dsn = server.dsn()
+        await migrate(dsn, standalone=True)
+        conn = await asyncpg.connect(dsn)
+        await seed(conn, args.assets, args.done, args.queued)
+        jobs = await conn.fetchval("SELECT count(*) FROM cnai.job")
+        times = {"before": [], "after": []}
+        for read in (before, after):  # warm the cache and the plans
+            await read(conn)
+        for _ in range(args.runs):
+            for name, read in (("before", before), ("after", after)):
+                started = time.perf_counter()
                 await read(conn)
-            for _ in range(args.runs):
-                for name, read in (("before", before), ("after", after)):
-                    started = time.perf_counter()
-                    await read(conn)
-                    times[name].append(time.perf_counter() - started)
-            version = await conn.fetchval("SHOW server_version")
-            await conn.close()
-        finally:
-            server.stop()
+                times[name].append(time.perf_counter() - started)
+        version = await conn.fetchval("SHOW server_version")
+        await conn.close()
     b, a = statistics.median(times["before"]), statistics.median(times["after"])
     print(f"\n/metrics queue read — PostgreSQL {version}, cnai.job {jobs:,} rows ({args.done:,} finished, "
           f"{args.queued:,} queued, 32 running), median of {args.runs}")

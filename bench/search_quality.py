@@ -56,7 +56,7 @@ import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont  # noqa: E402
 
 from cnai.db import migrate  # noqa: E402
-from cnai.embedded import EmbeddedServer, scratch_folder  # noqa: E402
+from cnai.embedded import scratch_server  # noqa: E402
 
 SET_VERSION = 1  # bump when the generator changes what it draws, so old caches are not reused
 DEFAULT_CACHE = ROOT / ".cache" / "search_quality"
@@ -581,18 +581,13 @@ def main(argv: list[str] | None = None) -> None:
           + ", ".join(sorted({FONTS[p.font][3] for p in photos})))
     ocr = run_ocr(photos, args.cache_dir, args.seed, args.ocr_threads)
 
-    with scratch_folder("cnai-bench-quality-") as tmp:
-        server = EmbeddedServer(tmp / "pg")
-        server.start()
-        try:
-            dsn = server.dsn()
-            # zhparser, where a build is given, is created by the migration; its functions then name their library
-            control_path = (f"?extension_control_path=$system:{args.zhparser_control_path.resolve()}"
-                            if args.zhparser_control_path else "")
-            asyncio.run(migrate(dsn + control_path, standalone=True))
-            asyncio.run(evaluate(dsn, photos, queries, ocr, args.seed, args.show_misses))
-        finally:
-            server.destroy()
+    with scratch_server("cnai-bench-quality-") as server:
+        dsn = server.dsn()
+        # zhparser, where a build is given, is created by the migration; its functions then name their library
+        control_path = (f"?extension_control_path=$system:{args.zhparser_control_path.resolve()}"
+                        if args.zhparser_control_path else "")
+        asyncio.run(migrate(dsn + control_path, standalone=True))
+        asyncio.run(evaluate(dsn, photos, queries, ocr, args.seed, args.show_misses))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,18 @@ def scratch_folder(prefix: str):
         yield Path(tmp)
 
 
+@contextlib.contextmanager
+def scratch_server(prefix: str):
+    """A started embedded server whose data lives in a scratch folder; destroyed afterwards (benchmarks)."""
+    with scratch_folder(prefix) as tmp:
+        server = EmbeddedServer(tmp / "pg")
+        server.start()
+        try:
+            yield server
+        finally:
+            server.destroy()
+
+
 def default_data_dir() -> Path:
     if os.environ.get("CNAI_DATA_DIR"):
         return Path(os.environ["CNAI_DATA_DIR"])
