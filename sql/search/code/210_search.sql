@@ -221,7 +221,8 @@ BEGIN
     typed := '{}';
     lo := 0;
     -- the owners' matches, a range of length buckets at a time, each checked in order (subqueries, not joins, so
-    -- only rows up to the last one kept are read)
+    -- only rows up to the last one kept are read; by the row's ctid, which the same statement's snapshot keeps,
+    -- as a second descent of the primary key for each match cost as much as reading its tokens)
     FOREACH hi IN ARRAY cnai.ocr_bucket_ranges() LOOP
       keys := cnai.ocr_keys_query(index_terms, owner_ids, lo, hi);
       SELECT coalesce(array_agg(m.asset_id ORDER BY m.text_chars, m.asset_id), '{}'),
@@ -229,13 +230,13 @@ BEGIN
              coalesce(array_agg(m.typed ORDER BY m.text_chars, m.asset_id), '{}')
         INTO more_ids, more_lengths, more_typed
         FROM (SELECT m.asset_id, m.text_chars,
-                     one_group OR (SELECT o.tokens @@ q.phrase FROM cnai.ocr o WHERE o.asset_id = m.asset_id) AS typed
-                FROM (SELECT o.asset_id, o.text_chars FROM cnai.ocr o
+                     one_group OR (SELECT o.tokens @@ q.phrase FROM cnai.ocr o WHERE o.ctid = m.ctid) AS typed
+                FROM (SELECT o.ctid, o.asset_id, o.text_chars FROM cnai.ocr o
                        WHERE cnai.ocr_search_keys(o.owner_id, o.text_chars, o.tokens) @@ keys
                          AND o.owner_id = ANY (owner_ids)
                        ORDER BY o.text_chars, o.asset_id OFFSET 0) m
                WHERE (index_exact OR (SELECT o.tokens @@ must AND NOT coalesce(o.tokens @@ must_not, false)
-                                        FROM cnai.ocr o WHERE o.asset_id = m.asset_id))
+                                        FROM cnai.ocr o WHERE o.ctid = m.ctid))
                  AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
                                                   owner_ids, visibilities, locked_owner)
                         FROM public.asset a WHERE a.id = m.asset_id)
