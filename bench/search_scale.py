@@ -259,12 +259,14 @@ async def measure(dsn: str, users: list, limit: int, clients: int, seconds: floa
         work += [("hybrid", q, emb) for q in HYBRID_QUERIES]
     pool = await asyncpg.create_pool(dsn, min_size=clients, max_size=clients)
     try:
-        async def warm(conn):  # past the sixth call: the generic plan a long-lived connection settles on
-            for _ in range(6):
+        async def warm(conn, k: int):
+            # past the sixth call: the generic plan a long-lived connection settles on; each user's matches read
+            # once at least, as a server that has been answering for a while has them in memory
+            for i in range(6):
                 for _cls, q, e in work:
-                    await conn.fetch(SEARCH, q, e, users[0], limit)
+                    await conn.fetch(SEARCH, q, e, users[(k * 6 + i) % len(users)], limit)
         conns = [await pool.acquire() for _ in range(clients)]
-        await asyncio.gather(*(warm(c) for c in conns))
+        await asyncio.gather(*(warm(c, k) for k, c in enumerate(conns)))
         matches = {q: await conns[0].fetchval(
             "SELECT count(*) FROM cnai.ocr o WHERE o.owner_id = $2 AND o.tokens @@ cnai.zh_tsquery($1)",
             q[4:], users[0]) for _cls, q, e in work if e is None}

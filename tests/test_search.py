@@ -241,6 +241,29 @@ async def test_reading_shortest_first_gives_the_page_of_ranking_every_match(db):
                 assert await ids(db, "ocr:" + query, owners, lim=lim) == expected, (query, owners, lim)
 
 
+async def test_several_words_stop_where_adjacent_words_could_no_longer_enter_the_page(db):
+    """Several words: a match scores at least as much as with its words apart, so once a page's worth of matches is
+    read, a longer text enters only if its score with the words adjacent reaches the last of those. Here the third
+    shortest match (20 characters, words apart) sets that floor; a text of 39 characters with the words adjacent
+    beats it and leads the page, one of 41 cannot, and the page is that of ranking every match."""
+    owner = await make_user(db)
+    filler = "天气晴朗适合出门散步" * 10
+
+    async def text_of(chars: int, words: str) -> str:
+        return words + filler[:chars - len(words)]
+    shortest = [await add_ocr(db, owner, await text_of(20, "发票开具南京")) for _ in range(3)]
+    for chars in (25, 30, 60, 90):
+        await add_ocr(db, owner, await text_of(chars, "发票开具南京"))
+    within = await add_ocr(db, owner, await text_of(39, "发票南京"))
+    beyond = await add_ocr(db, owner, await text_of(41, "发票南京"))
+    lengths = {r[0]: r[1] for r in await db.fetch("SELECT asset_id, text_chars FROM cnai.ocr")}
+    assert [lengths[a] for a in (*shortest, within, beyond)] == [20, 20, 20, 39, 41]
+    page = await ids(db, "ocr:发票 南京", [owner], lim=3)
+    assert page == await ranked_by_every_match(db, "发票 南京", [owner], 3)
+    assert page[0] == within and set(page[1:]) < set(shortest) and beyond not in page
+    assert await ids(db, "ocr:发票 南京", [owner], lim=4) == await ranked_by_every_match(db, "发票 南京", [owner], 4)
+
+
 async def test_ocr_rows_follow_their_photos_owner(db):
     """cnai.ocr.owner_id, which the search's indexes hold, is the photo's owner: taken when the text is written,
     and moved if Immich ever moves the photo to another user."""

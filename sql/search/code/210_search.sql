@@ -125,9 +125,11 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
 $$;
 
 -- The ranges of length buckets (cnai.length_bucket) a search reads in turn, by their last bucket: the first holds
--- texts of up to 5 characters; the last, 182 characters and more.
+-- texts of up to 5 characters; the last, 1449 characters and more. Ranges of long texts hold two buckets each, not
+-- one range from 182 characters on: a search of several words often ends among those (cnai.search_ocr), and a
+-- range is read whole before its rows are sorted by length (at a million photos, `奶茶 半价` 5.8 -> 3.8 ms).
 CREATE OR REPLACE FUNCTION cnai.ocr_bucket_ranges() RETURNS integer[] LANGUAGE sql IMMUTABLE PARALLEL SAFE
-  RETURN ARRAY[4, 6, 8, 10, 12, 14, 24];
+  RETURN ARRAY[4, 6, 8, 10, 12, 14, 16, 18, 20, 24];
 
 -- The shortest text a bucket holds.
 CREATE OR REPLACE FUNCTION cnai.bucket_least_chars(bucket integer) RETURNS integer LANGUAGE sql IMMUTABLE
@@ -185,11 +187,13 @@ DECLARE
   hi integer;
   ids uuid[];
   lengths integer[];
+  places tid[];
   typed boolean[];
   more_ids uuid[];
   more_lengths integer[];
-  more_typed boolean[];
+  more_places tid[];
   page_floor float8;
+  kept integer;
 BEGIN
   -- exact matches, then (when they are few) those with the query's words anywhere, then the fuzzy fallback's
   -- others, each ranked after the ones before
@@ -218,19 +222,17 @@ BEGIN
     index_exact := must = index_terms AND must_not IS NULL;
     ids := '{}';
     lengths := '{}';
-    typed := '{}';
+    places := '{}';
     lo := 0;
     -- the owners' matches, a range of length buckets at a time, each checked in order (subqueries, not joins, so
-    -- only rows up to the last one kept are read; by the row's ctid, which the same statement's snapshot keeps,
-    -- as a second descent of the primary key for each match cost as much as reading its tokens)
+    -- only rows up to the last one kept are read)
     FOREACH hi IN ARRAY cnai.ocr_bucket_ranges() LOOP
       keys := cnai.ocr_keys_query(index_terms, owner_ids, lo, hi);
       SELECT coalesce(array_agg(m.asset_id ORDER BY m.text_chars, m.asset_id), '{}'),
              coalesce(array_agg(m.text_chars ORDER BY m.text_chars, m.asset_id), '{}'),
-             coalesce(array_agg(m.typed ORDER BY m.text_chars, m.asset_id), '{}')
-        INTO more_ids, more_lengths, more_typed
-        FROM (SELECT m.asset_id, m.text_chars,
-                     one_group OR (SELECT o.tokens @@ q.phrase FROM cnai.ocr o WHERE o.ctid = m.ctid) AS typed
+             coalesce(array_agg(m.ctid ORDER BY m.text_chars, m.asset_id), '{}')
+        INTO more_ids, more_lengths, more_places
+        FROM (SELECT m.ctid, m.asset_id, m.text_chars
                 FROM (SELECT o.ctid, o.asset_id, o.text_chars FROM cnai.ocr o
                        WHERE cnai.ocr_search_keys(o.owner_id, o.text_chars, o.tokens) @@ keys
                          AND o.owner_id = ANY (owner_ids)
@@ -244,17 +246,35 @@ BEGIN
                LIMIT wanted - cardinality(ids)) m;
       ids := ids || more_ids;
       lengths := lengths || more_lengths;
-      typed := typed || more_typed;
+      places := places || more_places;
       EXIT WHEN cardinality(ids) >= wanted;
-      -- enough when the page's last score is at least the best a longer text could get
-      IF NOT by_length AND cardinality(ids) >= lim - found_before AND words IS NULL THEN
-        SELECT cnai.ocr_score(x.n, q.query_chars, x.t, false) INTO page_floor
-          FROM unnest(lengths, typed) AS x(n, t)
-         ORDER BY 1 DESC OFFSET lim - found_before - 1 LIMIT 1;
-        EXIT WHEN page_floor >= cnai.ocr_score(cnai.bucket_least_chars(hi + 1), q.query_chars, true, false);
-      END IF;
+      EXIT WHEN NOT by_length AND words IS NULL AND cardinality(ids) >= lim - found_before
+            AND cnai.ocr_score(cnai.bucket_least_chars(hi + 1), q.query_chars, true, false)
+                < cnai.ocr_score(lengths[lim - found_before], q.query_chars, false, false);
       lo := hi + 1;
     END LOOP;
+    -- Several words (scores not by length alone): a match scores at least as much as with its words apart, so the
+    -- page's last score is at least that of the page's worth of shortest matches, the last one's words apart
+    -- (page_floor). A longer match whose score with its words adjacent stays below it cannot enter the page,
+    -- and neither can any longer one: the page ends there, without reading whether those are adjacent.
+    IF NOT by_length AND words IS NULL AND cardinality(ids) > lim - found_before THEN
+      page_floor := cnai.ocr_score(lengths[lim - found_before], q.query_chars, false, false);
+      kept := (SELECT count(*) FROM unnest(lengths) AS n
+                WHERE cnai.ocr_score(n, q.query_chars, true, false) >= page_floor);
+      ids := ids[1:kept];
+      lengths := lengths[1:kept];
+      places := places[1:kept];
+    END IF;
+    -- whether each match holds the words adjacent as typed: read at the row's ctid (the calling query's snapshot,
+    -- which a STABLE function keeps, keeps each row version where it was), as a second descent of the primary key
+    -- for each match cost as much as reading its tokens
+    IF one_group OR fuzzy = 1 THEN
+      typed := array_fill(true, ARRAY[cardinality(ids)]);
+    ELSE
+      SELECT coalesce(array_agg(t.typed ORDER BY c.n), '{}') INTO typed
+        FROM unnest(places) WITH ORDINALITY AS c(place, n)
+       CROSS JOIN LATERAL (SELECT o.tokens @@ q.phrase AS typed FROM cnai.ocr o WHERE o.ctid = c.place) t;
+    END IF;
     RETURN QUERY
       SELECT c.asset_id, s.score,
              found_before + (row_number() OVER (ORDER BY s.score DESC, c.text_chars, c.asset_id))::integer
