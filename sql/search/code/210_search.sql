@@ -248,6 +248,7 @@ BEGIN
       lengths := lengths || more_lengths;
       places := places || more_places;
       EXIT WHEN cardinality(ids) >= wanted;
+      -- several words: no longer text could enter the page (page_floor, below)
       EXIT WHEN NOT by_length AND words IS NULL AND cardinality(ids) >= lim - found_before
             AND cnai.ocr_score(cnai.bucket_least_chars(hi + 1), q.query_chars, true, false)
                 < cnai.ocr_score(lengths[lim - found_before], q.query_chars, false, false);
@@ -273,7 +274,7 @@ BEGIN
     ELSE
       SELECT coalesce(array_agg(t.typed ORDER BY c.n), '{}') INTO typed
         FROM unnest(places) WITH ORDINALITY AS c(place, n)
-       CROSS JOIN LATERAL (SELECT o.tokens @@ q.phrase AS typed FROM cnai.ocr o WHERE o.ctid = c.place) t;
+        LEFT JOIN LATERAL (SELECT o.tokens @@ q.phrase AS typed FROM cnai.ocr o WHERE o.ctid = c.place) t ON true;
     END IF;
     RETURN QUERY
       SELECT c.asset_id, s.score,
