@@ -1,7 +1,7 @@
 """Search at scale: `ocr:` and hybrid latency of cnai.search over a large synthetic library, 1 and 8 clients.
 
     python bench/search_scale.py [--docs 1000000] [--owners 10] [--clients 8] [--seconds 20] [--limit 100]
-                                 [--shared-buffers 4GB]
+                                 [--shared-buffers 4GB] [--zhparser-control-path DIR]
 
 In a scratch database on the embedded server: --docs photos of --owners users, each with an OCR text drawn from a
 Chinese character-and-word frequency model (Zipf over a frequency-ordered character list and a list of words seen on
@@ -19,6 +19,10 @@ class and against the targets (ocr: p95 <= 50 ms, hybrid p95 <= 100 ms), and, be
 Immich 3.1's own OCR query (search_quality.py's copy of it) on the same texts. A very common character (的, 店) is
 the hard case: it matches a large share of the library. Last, how much of a hybrid page is the same as with each
 branch taken twice as deep (what cnai.search did before it took one page's depth).
+
+The figures above are of bigrams alone (cnai.zh_words = off). Where zhparser is usable (on the embedded server, a
+build reached through --zhparser-control-path or CNAI_ZHPARSER_CONTROL_PATH, as search_quality.py takes it), its word
+index is built with the others and timed, and the same classes run again with words on: cnai+zhparser.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import argparse
 import asyncio
 import importlib.util
 import logging
+import os
 import random
 import statistics
 import struct
@@ -159,7 +164,7 @@ async def load(dsn: str, docs: int, owners: int, seed: int, with_clip: bool, wor
         # indexes go after the load (faster, and their build time is one of the figures)
         index_defs = {f'{r["schemaname"]}.{r["indexname"]}': r["indexdef"] for r in await conn.fetch(
             "SELECT schemaname, indexname, indexdef FROM pg_indexes WHERE indexname IN ('ocr_search_keys', "
-            "'clip_embedding', 'idx_ocr_search_text')")}
+            "'clip_embedding', 'idx_ocr_search_text', 'ocr_word_keys')")}
         for name in index_defs:
             await conn.execute(f"DROP INDEX {name}")
     finally:
@@ -250,14 +255,17 @@ def percentiles(xs: list[float]) -> tuple[float, float, float]:
 
 
 async def measure(dsn: str, users: list, limit: int, clients: int, seconds: float, rounds: int, seed: int,
-                  with_clip: bool) -> tuple[dict, dict, int]:
+                  with_clip: bool, words: bool = False, beside: bool = True) -> tuple:
+    """words: with zhparser's words (cnai.zh_words on) or bigrams alone; beside: also Immich's own query and the
+    bound's and hybrid depth's costs."""
     rng = random.Random(seed)
     vec = np.random.default_rng(seed + 99).standard_normal(DIM)
     emb = "[" + ",".join(f"{x:.6f}" for x in vec / np.linalg.norm(vec)) + "]"
     work = [(cls, "ocr:" + q, None) for cls, qs in OCR_QUERIES for q in qs]
     if with_clip:
         work += [("hybrid", q, emb) for q in HYBRID_QUERIES]
-    pool = await asyncpg.create_pool(dsn, min_size=clients, max_size=clients)
+    pool = await asyncpg.create_pool(dsn, min_size=clients, max_size=clients,
+                                     server_settings={"cnai.zh_words": "on" if words else "off"})
     try:
         async def warm(conn, k: int):
             # past the sixth call: the generic plan a long-lived connection settles on; each user's matches read
@@ -281,7 +289,7 @@ async def measure(dsn: str, users: list, limit: int, clients: int, seconds: floa
         # each cut off after IMMICH_TIMEOUT_S (counted as that long)
         immich: dict[str, list[float]] = {}
         await conns[0].execute(f"SET statement_timeout = '{IMMICH_TIMEOUT_S}s'")
-        for _ in range(min(rounds, 2)):
+        for _ in range(min(rounds, 2) if beside else 0):
             for cls, q, e in work:
                 if e is None:
                     t = time.perf_counter()
@@ -292,8 +300,8 @@ async def measure(dsn: str, users: list, limit: int, clients: int, seconds: floa
                         pass
                     immich.setdefault(cls, []).append((time.perf_counter() - t) * 1000)
         await conns[0].execute("RESET statement_timeout")
-        overlap = await hybrid_page_overlap(conns[0], users, limit, seed) if with_clip else []
-        bounded = await bounded_page_overlap(conns[0], users, limit)
+        overlap = await hybrid_page_overlap(conns[0], users, limit, seed) if with_clip and beside else []
+        bounded = await bounded_page_overlap(conns[0], users, limit) if beside else {}
 
         together: dict[str, list[float]] = {}
         done = 0
@@ -328,7 +336,7 @@ async def bounded_page_overlap(conn, users: list, limit: int) -> dict[str, float
             async with conn.transaction():
                 await conn.execute("SET LOCAL cnai.ocr_candidates = 100000000")
                 every = {r[0] for r in await conn.fetch(SEARCH, "ocr:" + q, None, user, limit)}
-            counts.append(len(page & every) / max(1, len(every)))
+            counts.append(len(page & every) / len(every) if every else 1.0)  # nothing to find: nothing missed
         shared[q] = statistics.mean(counts)
     return shared
 
@@ -379,8 +387,31 @@ async def loaded_before(dsn: str) -> list | None:
     return (users, photos) if users else None
 
 
+async def zhparser_state(dsn: str) -> tuple[str, str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return tuple(await conn.fetchrow("SELECT state, detail FROM cnai.zhparser_state()"))
+    finally:
+        await conn.close()
+
+
+def print_targets(together: dict, clients: int) -> None:
+    ocr_all = [x for cls, xs in together.items() if cls != "hybrid" for x in xs]
+    checks = [("ocr: p95 (all classes)", percentiles(ocr_all)[1], 50.0)]
+    checks += [(f"ocr: p95 {cls}", percentiles(xs)[1], 50.0) for cls, xs in together.items() if cls != "hybrid"]
+    if "hybrid" in together:
+        checks.append(("hybrid p95", percentiles(together["hybrid"])[1], 100.0))
+    print(f"\ntargets, {clients} clients at once:")
+    for name, value, target in checks:
+        print(f"  {name:32s} {value:8.1f} ms  target <= {target:.0f} ms  {value / target:5.2f}x of target  "
+              f"{'met' if value <= target else 'MISSED'}")
+
+
 async def run(args, dsn: str) -> None:
-    await migrate(dsn, standalone=True)
+    # zhparser, where a build is given, is created by the migration; its functions then name their library
+    control_path = (f"?extension_control_path=$system:{args.zhparser_control_path.resolve()}"
+                    if args.zhparser_control_path else "")
+    await migrate(dsn + control_path, standalone=True)
     before = await loaded_before(dsn)
     if before:  # the search's code is re-applied by migrate above; the data and its indexes are the earlier run's
         users, photos = before
@@ -396,10 +427,12 @@ async def run(args, dsn: str) -> None:
             print(f"  {step:34s} {secs:8.1f} s")
         for name, size in loaded["sizes"].items():
             print(f"  size of {name:26s} {mib(size)}")
+    state, detail = await zhparser_state(dsn)
+    print(f"zhparser: {state}: {detail}")
 
     alone, immich, together, done, matches, overlap, bounded = await measure(
         dsn, users, args.limit, args.clients, args.seconds, args.rounds, args.seed, not args.no_clip)
-    print(f"\ncnai.search, page of {args.limit}, one user of {len(users)} "
+    print(f"\ncnai.search (bigrams alone), page of {args.limit}, one user of {len(users)} "
           f"(matches for user 1 in brackets); Immich 3.1's own OCR query beside it; ms")
     print(f"{'class':34s} {'1 client: p50':>14s} {'p95':>7s} {'p99':>7s}   {'Immich p50':>10s} {'p95':>7s}   "
           f"{f'{args.clients} clients: p50':>15s} {'p95':>7s} {'p99':>7s}")
@@ -418,16 +451,20 @@ async def run(args, dsn: str) -> None:
     if overlap:
         print(f"hybrid: a page shares {statistics.mean(overlap):.1f} of its {args.limit} results (min {min(overlap)}) "
               f"with branches taken twice as deep ({len(overlap)} searches)")
+    print_targets(together, args.clients)
 
-    ocr_all = [x for cls, xs in together.items() if cls != "hybrid" for x in xs]
-    checks = [("ocr: p95 (all classes)", percentiles(ocr_all)[1], 50.0)]
-    checks += [(f"ocr: p95 {cls}", percentiles(xs)[1], 50.0) for cls, xs in together.items() if cls != "hybrid"]
-    if "hybrid" in together:
-        checks.append(("hybrid p95", percentiles(together["hybrid"])[1], 100.0))
-    print(f"\ntargets, {args.clients} clients at once:")
-    for name, value, target in checks:
-        print(f"  {name:32s} {value:8.1f} ms  target <= {target:.0f} ms  {value / target:5.2f}x of target  "
-              f"{'met' if value <= target else 'MISSED'}")
+    if state == "used":
+        z_alone, _, z_together, z_done, *_ = await measure(
+            dsn, users, args.limit, args.clients, args.seconds, args.rounds, args.seed, not args.no_clip,
+            words=True, beside=False)
+        print("\ncnai+zhparser (words on), the same searches; ms")
+        print(f"{'class':34s} {'1 client: p50':>14s} {'p95':>7s} {'p99':>7s}   "
+              f"{f'{args.clients} clients: p50':>15s} {'p95':>7s} {'p99':>7s}")
+        for cls in list(z_alone):
+            a, b = percentiles(z_alone[cls]), percentiles(z_together.get(cls, []))
+            print(f"{cls:34s} {a[0]:14.1f} {a[1]:7.1f} {a[2]:7.1f}   {b[0]:15.1f} {b[1]:7.1f} {b[2]:7.1f}")
+        print(f"{args.clients} clients: {z_done / args.seconds:.1f} searches/s over {args.seconds:.0f} s")
+        print_targets(z_together, args.clients)
 
 
 def set_shared_buffers(server: EmbeddedServer, size: str) -> None:
@@ -456,7 +493,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data-dir", type=Path, help="keep the scratch server and its library here, to measure again "
                                                   "without loading (default: a temporary folder)")
     ap.add_argument("--shared-buffers", default="4GB", help="the server's shared_buffers (default: 4GB)")
+    ap.add_argument("--zhparser-control-path", type=Path, default=os.environ.get("CNAI_ZHPARSER_CONTROL_PATH"),
+                    help="a zhparser build for the embedded server: the folder holding extension/zhparser.control "
+                         "(PostgreSQL 18's extension_control_path; default: $CNAI_ZHPARSER_CONTROL_PATH)")
     args = ap.parse_args(argv)
+    if args.zhparser_control_path and not (args.zhparser_control_path / "extension" / "zhparser.control").is_file():
+        ap.error(f"--zhparser-control-path: no extension/zhparser.control in {args.zhparser_control_path}")
     for name in ("docs", "owners", "clients", "rounds", "limit"):
         if getattr(args, name) < 1:
             ap.error(f"--{name} must be at least 1")

@@ -8,6 +8,7 @@ server's share/tsearch_data, where zhparser looks. They skip without it."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 
 import asyncpg
@@ -114,6 +115,33 @@ async def test_words_apart_are_found_after_the_adjacent_ones(zh_db):
     assert 0.45 <= rows[1]["score"] < 0.5 <= rows[0]["score"]
     powerbank = await add_ocr(zh_db, owner, "小米移动电源 充电宝 10000mAh")
     assert await ids(zh_db, "ocr:小米充电宝", [owner]) == [powerbank]
+
+
+@needs_zhparser
+async def test_pages_with_words_are_those_of_segmenting_every_match(zh_db):
+    """The word index (owner and length keys, read beside the bigram keys) tells each match whether the query's words
+    are its words, and reading stops once no longer text could enter the page even as a word match with its words
+    adjacent: the page is that of segmenting and scoring every match. Matches of every length, real words and false
+    friends, one user and two, pages of 3 and 12."""
+    alice, bob = await make_user(zh_db), await make_user(zh_db)
+    rnd = random.Random(11)
+    filler = "天气晴朗适合出门散步"
+    texts = ["楼上海景厅", "上海浦东国际机场", "欢迎来到上海", "市长热线", "南京市长江大桥", "上海 机场 大巴", "机场路上海鲜"]
+    for _ in range(200):
+        await add_ocr(zh_db, rnd.choice([alice, bob]), rnd.choice(texts) + filler * rnd.choice([0, 0, 1, 3, 8, 30]))
+    await zh_db.execute("ANALYZE cnai.ocr")
+    for query in ("上海", "市长", "上海 机场", "机场"):
+        for owners in ([alice], [alice, bob]):
+            for lim in (3, 12):
+                expected = [r[0] for r in await zh_db.fetch(
+                    """SELECT o.asset_id FROM cnai.ocr o, cnai.zh_query($1) q
+                        WHERE o.tokens @@ q.exact AND o.owner_id = ANY ($2)
+                        ORDER BY cnai.ocr_score(o.text_chars, q.query_chars, q.exact = q.phrase OR o.tokens @@ q.phrase,
+                                                false, cnai.zh_words(o.text) @@ cnai.zh_words_query($1)) DESC,
+                                 o.text_chars, o.asset_id
+                        LIMIT $3""", query, owners, lim)]
+                assert len(expected) == lim, (query, owners, lim)
+                assert await ids(zh_db, "ocr:" + query, owners, lim=lim) == expected, (query, owners, lim)
 
 
 @needs_zhparser

@@ -136,28 +136,62 @@ CREATE OR REPLACE FUNCTION cnai.bucket_least_chars(bucket integer) RETURNS integ
 PARALLEL SAFE
   RETURN ceil(power(2.0, bucket / 2.0) - 1e-9)::integer;
 
--- The word pass of cnai.search_ocr, where zhparser is usable: texts that hold the query's words anywhere (words,
--- AND-ed: cnai.zh_words_query) but not the query as typed (exact), shortest texts first, as the exact pass picks.
-CREATE OR REPLACE FUNCTION cnai.search_ocr_words(words tsquery, exact tsquery, query_chars integer, owner_ids uuid[],
-                                                 lim integer, candidates integer, visibilities text[],
-                                                 locked_owner uuid)
-RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE sql STABLE AS $$
-  WITH found AS MATERIALIZED (
-    SELECT o.asset_id, o.text_chars
-      FROM cnai.ocr o
-      JOIN public.asset a ON a.id = o.asset_id
-     WHERE cnai.zh_words(o.text) @@ words AND NOT o.tokens @@ exact AND o.owner_id = ANY (owner_ids)
-       AND cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
-                                owner_ids, visibilities, locked_owner)
-     ORDER BY greatest(o.text_chars, query_chars), o.asset_id
-     LIMIT candidates
-  )
-  SELECT f.asset_id, s.score, (row_number() OVER (ORDER BY s.score DESC, f.asset_id))::integer
-    FROM found f
-   CROSS JOIN LATERAL (SELECT cnai.ocr_score(f.text_chars, query_chars, false, true, true) AS score) s
-   ORDER BY s.score DESC, f.asset_id
-   LIMIT lim;
+-- The least score a page can end on, from matches read in order of length (their lengths, and whether they hold
+-- the query's words: NULL without zhparser): the need-th best of their scores with their words apart (as typed for
+-- a query of one word or phrase). A match scores at least that, so the page's last score is at least this.
+CREATE OR REPLACE FUNCTION cnai.ocr_page_floor(lengths integer[], hits boolean[], query_chars integer,
+                                               one_group boolean, need integer) RETURNS float8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+  SELECT cnai.ocr_score(x.n, query_chars, one_group, false, x.hit) AS least_score
+    FROM unnest(lengths, hits) AS x(n, hit)
+   ORDER BY 1 DESC OFFSET need - 1 LIMIT 1;
 $$;
+
+-- The word pass of cnai.search_ocr, where zhparser is usable: texts that hold the query's words anywhere (words,
+-- AND-ed: cnai.zh_words_query) but not the query as typed (exact), shortest texts first (their score follows the
+-- length alone), read from the word index a range of length buckets at a time, as the exact pass reads.
+DROP FUNCTION IF EXISTS cnai.search_ocr_words(tsquery, tsquery, integer, uuid[], integer, integer, text[], uuid);
+CREATE OR REPLACE FUNCTION cnai.search_ocr_words(words tsquery, exact tsquery, query_chars integer, owner_ids uuid[],
+                                                 lim integer, visibilities text[], locked_owner uuid)
+RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+  -- as the exact pass: at most 16 terms, fewer for many owners; the rows found are checked against all words
+  index_terms tsquery := cnai.ocr_index_terms(words, greatest(1, least(16, 500 / greatest(1, cardinality(owner_ids)))));
+  keys tsquery;
+  lo integer := 0;
+  hi integer;
+  ids uuid[] := '{}';
+  lengths integer[] := '{}';
+  more_ids uuid[];
+  more_lengths integer[];
+BEGIN
+  FOREACH hi IN ARRAY cnai.ocr_bucket_ranges() LOOP
+    keys := cnai.ocr_keys_query(index_terms, owner_ids, lo, hi);
+    SELECT coalesce(array_agg(m.asset_id ORDER BY m.text_chars, m.asset_id), '{}'),
+           coalesce(array_agg(m.text_chars ORDER BY m.text_chars, m.asset_id), '{}')
+      INTO more_ids, more_lengths
+      FROM (SELECT m.asset_id, m.text_chars
+              FROM (SELECT o.ctid, o.asset_id, o.text_chars FROM cnai.ocr o
+                     WHERE cnai.ocr_word_keys(o.owner_id, o.text_chars, o.text) @@ keys
+                       AND o.owner_id = ANY (owner_ids)
+                     ORDER BY o.text_chars, o.asset_id OFFSET 0) m
+             WHERE (SELECT NOT o.tokens @@ exact AND (index_terms = words OR cnai.zh_words(o.text) @@ words)
+                      FROM cnai.ocr o WHERE o.ctid = m.ctid)
+               AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
+                                                owner_ids, visibilities, locked_owner)
+                      FROM public.asset a WHERE a.id = m.asset_id)
+             ORDER BY m.text_chars, m.asset_id
+             LIMIT lim - cardinality(ids)) m;
+    ids := ids || more_ids;
+    lengths := lengths || more_lengths;
+    EXIT WHEN cardinality(ids) >= lim;
+    lo := hi + 1;
+  END LOOP;
+  RETURN QUERY
+    SELECT c.asset_id, cnai.ocr_score(c.text_chars, query_chars, false, true, true), c.k::integer
+      FROM unnest(ids, lengths) WITH ORDINALITY AS c(asset_id, text_chars, k);
+END $$;
 
 CREATE OR REPLACE FUNCTION cnai.search_ocr(q_text text, owner_ids uuid[], lim integer,
                                            visibilities text[] DEFAULT NULL, locked_owner uuid DEFAULT NULL)
@@ -170,8 +204,13 @@ DECLARE
   one_group boolean := q.exact = q.phrase;
   bound integer := greatest(cnai.ocr_candidates(), lim);
   -- NULL without a usable zhparser: bigrams alone. Not for one character: the word index holds every character
-  -- (multi modes), so the words would change no rank and only cost a segmentation per candidate.
+  -- (multi modes), so the words would change no rank and only cost a read of the word index.
   words tsquery := CASE WHEN q.query_chars > 1 THEN cnai.zh_words_query(q_text) END;
+  word_terms tsquery;
+  word_keys tsquery;
+  -- what the word pass found, ranked after the exact matches
+  word_ids uuid[] := '{}';
+  word_scores float8[] := '{}';
   found_before integer := 0;
   found_now integer;
   must tsquery := q.exact;
@@ -180,30 +219,41 @@ DECLARE
   by_length boolean;
   -- matches this pass reads at most: the rest of the page, or (scores not by length alone) the bound
   wanted integer;
+  -- the page's rest, and the least score it can end on (page_floor, below)
+  need integer;
+  page_floor float8;
   index_exact boolean;
   index_terms tsquery;
   keys tsquery;
   lo integer;
   hi integer;
+  -- the matches read, in order of length: ids, lengths, where their rows are, whether they hold the query's words
+  -- (where zhparser is usable; else empty, read as NULL), whether they hold the words adjacent as typed
   ids uuid[];
   lengths integer[];
   places tid[];
+  hits boolean[];
   typed boolean[];
   more_ids uuid[];
   more_lengths integer[];
   more_places tid[];
-  page_floor float8;
-  kept integer;
+  more_hits boolean[];
 BEGIN
+  IF words IS NOT NULL THEN
+    word_terms := cnai.ocr_index_terms(words, greatest(1, least(16, 500 / greatest(1, cardinality(owner_ids)))));
+  END IF;
   -- exact matches, then (when they are few) those with the query's words anywhere, then the fuzzy fallback's
   -- others, each ranked after the ones before
   FOR fuzzy IN 0..1 LOOP
     IF fuzzy = 1 AND words IS NOT NULL AND found_before < least(lim, cnai.fuzzy_below()) THEN
-      RETURN QUERY SELECT w.asset_id, w.score, found_before + w.ocr_rank
-                     FROM cnai.search_ocr_words(words, q.exact, q.query_chars, owner_ids, lim - found_before,
-                                                bound, visibilities, locked_owner) w;
-      GET DIAGNOSTICS found_now = ROW_COUNT;
-      found_before := found_before + found_now;
+      SELECT coalesce(array_agg(w.asset_id ORDER BY w.ocr_rank), '{}'),
+             coalesce(array_agg(w.score ORDER BY w.ocr_rank), '{}')
+        INTO word_ids, word_scores
+        FROM cnai.search_ocr_words(words, q.exact, q.query_chars, owner_ids, lim - found_before, visibilities,
+                                   locked_owner) w;
+      RETURN QUERY SELECT w.asset_id, w.score, found_before + w.k::integer
+                     FROM unnest(word_ids, word_scores) WITH ORDINALITY AS w(asset_id, score, k);
+      found_before := found_before + cardinality(word_ids);
     END IF;
     IF fuzzy = 1 THEN
       EXIT WHEN found_before >= least(lim, cnai.fuzzy_below()) OR q.fuzzy = q.exact;
@@ -217,12 +267,15 @@ BEGIN
     -- a fuzzy query of a long run holds a variant per character: too large an index query for what it finds
     EXIT WHEN fuzzy = 1 AND numnode(index_terms) * cardinality(owner_ids) > 1000;
     by_length := fuzzy = 1 OR (one_group AND words IS NULL);
-    wanted := CASE WHEN by_length THEN lim - found_before ELSE bound END;
+    need := lim - found_before;
+    -- the fuzzy pass leaves out what the word pass found: read that many more
+    wanted := CASE WHEN by_length THEN need + cardinality(word_ids) ELSE bound END;
     -- the index answers must exactly (no phrase in it, nothing to exclude): no text needs reading to check it
     index_exact := must = index_terms AND must_not IS NULL;
     ids := '{}';
     lengths := '{}';
     places := '{}';
+    hits := '{}';
     lo := 0;
     -- the owners' matches, a range of length buckets at a time, each checked in order (subqueries, not joins, so
     -- only rows up to the last one kept are read)
@@ -244,27 +297,44 @@ BEGIN
                         FROM public.asset a WHERE a.id = m.asset_id)
                ORDER BY m.text_chars, m.asset_id
                LIMIT wanted - cardinality(ids)) m;
+      -- which of them hold the query's words: one read of the word index for the owners and these lengths, its rows
+      -- matched to the new matches by ctid, instead of segmenting each text (which costs ~40 us for a short text
+      -- and a millisecond for a long one)
+      IF fuzzy = 0 AND words IS NOT NULL THEN
+        word_keys := cnai.ocr_keys_query(word_terms, owner_ids, lo, hi);
+        SELECT coalesce(array_agg(w.place IS NOT NULL
+                                  AND (word_terms = words OR (SELECT cnai.zh_words(o.text) @@ words
+                                                                FROM cnai.ocr o WHERE o.ctid = c.place))
+                                  ORDER BY c.n), '{}')
+          INTO more_hits
+          FROM unnest(more_places) WITH ORDINALITY AS c(place, n)
+          LEFT JOIN (SELECT o.ctid AS place FROM cnai.ocr o
+                      WHERE cnai.ocr_word_keys(o.owner_id, o.text_chars, o.text) @@ word_keys OFFSET 0) w
+            ON w.place = c.place;
+        hits := hits || more_hits;
+      END IF;
       ids := ids || more_ids;
       lengths := lengths || more_lengths;
       places := places || more_places;
       EXIT WHEN cardinality(ids) >= wanted;
-      -- several words: no longer text could enter the page (page_floor, below)
-      EXIT WHEN NOT by_length AND words IS NULL AND cardinality(ids) >= lim - found_before
-            AND cnai.ocr_score(cnai.bucket_least_chars(hi + 1), q.query_chars, true, false)
-                < cnai.ocr_score(lengths[lim - found_before], q.query_chars, false, false);
+      -- scores not by length alone: no longer text could enter the page (page_floor, below)
+      IF NOT by_length AND cardinality(ids) >= need THEN
+        page_floor := cnai.ocr_page_floor(lengths, hits, q.query_chars, one_group, need);
+        EXIT WHEN cnai.ocr_score(cnai.bucket_least_chars(hi + 1), q.query_chars, true, false,
+                                 CASE WHEN words IS NOT NULL THEN true END) < page_floor;
+      END IF;
       lo := hi + 1;
     END LOOP;
-    -- Several words (scores not by length alone): a match scores at least as much as with its words apart, so the
-    -- page's last score is at least that of the page's worth of shortest matches, the last one's words apart
-    -- (page_floor). A longer match whose score with its words adjacent stays below it cannot enter the page,
-    -- and neither can any longer one: the page ends there, without reading whether those are adjacent.
-    IF NOT by_length AND words IS NULL AND cardinality(ids) > lim - found_before THEN
-      page_floor := cnai.ocr_score(lengths[lim - found_before], q.query_chars, false, false);
-      kept := (SELECT count(*) FROM unnest(lengths) AS n
-                WHERE cnai.ocr_score(n, q.query_chars, true, false) >= page_floor);
-      ids := ids[1:kept];
-      lengths := lengths[1:kept];
-      places := places[1:kept];
+    -- A match scores at least as much as with its words apart (page_floor: the page's worth of best such scores
+    -- among the matches read sets the least score the page ends on). A match whose score with its words adjacent
+    -- stays below it cannot enter the page: left out without reading whether its words are adjacent.
+    IF NOT by_length AND cardinality(ids) > need THEN
+      page_floor := cnai.ocr_page_floor(lengths, hits, q.query_chars, one_group, need);
+      SELECT coalesce(array_agg(c.asset_id ORDER BY c.k), '{}'), coalesce(array_agg(c.n ORDER BY c.k), '{}'),
+             coalesce(array_agg(c.place ORDER BY c.k), '{}'), coalesce(array_agg(c.hit ORDER BY c.k), '{}')
+        INTO ids, lengths, places, hits
+        FROM unnest(ids, lengths, places, hits) WITH ORDINALITY AS c(asset_id, n, place, hit, k)
+       WHERE cnai.ocr_score(c.n, q.query_chars, true, false, c.hit) >= page_floor;
     END IF;
     -- whether each match holds the words adjacent as typed: read at the row's ctid (the calling query's snapshot,
     -- which a STABLE function keeps, keeps each row version where it was), as a second descent of the primary key
@@ -277,20 +347,14 @@ BEGIN
         LEFT JOIN LATERAL (SELECT o.tokens @@ q.phrase AS typed FROM cnai.ocr o WHERE o.ctid = c.place) t ON true;
     END IF;
     RETURN QUERY
-      SELECT c.asset_id, s.score,
-             found_before + (row_number() OVER (ORDER BY s.score DESC, c.text_chars, c.asset_id))::integer
-        FROM unnest(ids, lengths, typed) AS c(asset_id, text_chars, typed)
-       CROSS JOIN LATERAL (
-             SELECT cnai.ocr_score(c.text_chars, q.query_chars, c.typed, fuzzy = 1,
-                                   CASE WHEN fuzzy = 0 AND words IS NOT NULL
-                                        THEN (SELECT cnai.zh_words(o.text) @@ words FROM cnai.ocr o
-                                               WHERE o.asset_id = c.asset_id) END) AS score) s
-       -- the word pass had those (CASE: without zhparser, cnai.zh_words must not run)
-       WHERE CASE WHEN fuzzy = 1 AND words IS NOT NULL
-                  THEN NOT (SELECT cnai.zh_words(o.text) @@ words FROM cnai.ocr o WHERE o.asset_id = c.asset_id)
-                  ELSE true END
-       ORDER BY s.score DESC, c.text_chars, c.asset_id
-       LIMIT lim - found_before;
+      SELECT c.asset_id, s.score, found_before + (row_number() OVER (ORDER BY s.score DESC, c.n, c.asset_id))::integer
+        FROM unnest(ids, lengths, typed, hits) AS c(asset_id, n, typed, hit)
+       CROSS JOIN LATERAL (SELECT cnai.ocr_score(c.n, q.query_chars, c.typed, fuzzy = 1,
+                                                 CASE WHEN fuzzy = 0 THEN c.hit END) AS score) s
+       -- the word pass had those
+       WHERE NOT c.asset_id = ANY (word_ids)
+       ORDER BY s.score DESC, c.n, c.asset_id
+       LIMIT need;
     GET DIAGNOSTICS found_now = ROW_COUNT;
     found_before := found_before + found_now;
   END LOOP;

@@ -10,8 +10,9 @@
 -- zhparser's settings are pinned on each function (SET clauses): what a text gives must not depend on a session.
 -- A change to what cnai.zh_words gives needs a new index (a new name below), as the index holds its old output.
 
+-- COST: a segmentation per row is what the word index is there to avoid; the planner is told so.
 CREATE OR REPLACE FUNCTION cnai.zh_words(t text) RETURNS tsvector LANGUAGE plpgsql IMMUTABLE PARALLEL RESTRICTED
-  SET zhparser.multi_short = on SET zhparser.multi_duality = on SET zhparser.multi_zmain = on
+  COST 1000 SET zhparser.multi_short = on SET zhparser.multi_duality = on SET zhparser.multi_zmain = on
   SET zhparser.multi_zall = on SET zhparser.punctuation_ignore = on SET zhparser.seg_with_duality = off AS $$
 BEGIN
   RETURN to_tsvector('cnai.zh', cnai.zh_fold(t));
@@ -37,9 +38,20 @@ EXCEPTION WHEN OTHERS THEN  -- a library that no longer loads
   RETURN false;
 END $$;
 
+-- What the word index holds: a text's words, each prefixed as in ocr_search_keys with the photo's owner and the
+-- bucket of its text's length (cnai.ocr_key_prefix, cnai.length_bucket: 204_ocr_owner.sql), so a search reads one
+-- user's texts of a range of lengths from it, as from the bigram keys, and never segments a text to rank it.
+CREATE OR REPLACE FUNCTION cnai.ocr_word_keys(owner_id uuid, text_chars integer, t text) RETURNS tsvector
+LANGUAGE plpgsql IMMUTABLE PARALLEL RESTRICTED COST 1000 AS $$
+DECLARE
+  prefix text := cnai.ocr_key_prefix(owner_id, cnai.length_bucket(text_chars));
+BEGIN
+  RETURN array_to_tsvector(ARRAY(SELECT prefix || w FROM unnest(tsvector_to_array(cnai.zh_words(t))) AS w));
+END $$;
+
 -- The index that the word match of cnai.search_ocr reads; NULL until created (where zhparser is usable).
 CREATE OR REPLACE FUNCTION cnai.zh_words_index() RETURNS regclass LANGUAGE sql STABLE PARALLEL SAFE
-  RETURN to_regclass('cnai.ocr_zh_words_idx');
+  RETURN to_regclass('cnai.ocr_word_keys');
 
 -- What zhparser does for this database: (state, detail), state one of
 --   absent                 not installed, or installed but not enabled (its library did not load): bigrams only
@@ -103,7 +115,9 @@ BEGIN
   IF to_regclass('cnai.ocr') IS NULL OR NOT cnai.zh_dictionary_loaded() THEN
     RETURN (cnai.zhparser_state()).state;  -- a new database: 210_search.sql runs this again after the tables
   END IF;
-  CREATE INDEX IF NOT EXISTS ocr_zh_words_idx ON cnai.ocr USING gin (cnai.zh_words(text));
+  CREATE INDEX IF NOT EXISTS ocr_word_keys ON cnai.ocr USING gin (cnai.ocr_word_keys(owner_id, text_chars, text));
+  -- the earlier word index, of words without owner or length: every search that used it segmented each match
+  DROP INDEX IF EXISTS cnai.ocr_zh_words_idx;
   RETURN (cnai.zhparser_state()).state;
 EXCEPTION WHEN OTHERS THEN
   RAISE NOTICE 'cnai: zhparser''s word index could not be prepared (% %); search uses bigrams alone',
