@@ -336,7 +336,8 @@ async def bounded_page_overlap(conn, users: list, limit: int) -> dict[str, float
             async with conn.transaction():
                 await conn.execute("SET LOCAL cnai.ocr_candidates = 100000000")
                 every = {r[0] for r in await conn.fetch(SEARCH, "ocr:" + q, None, user, limit)}
-            counts.append(len(page & every) / len(every) if every else 1.0)  # nothing to find: nothing missed
+            # a user with nothing to find misses nothing
+            counts.append(len(page & every) / len(every) if every else 1.0)
         shared[q] = statistics.mean(counts)
     return shared
 

@@ -109,6 +109,10 @@ RETURNS tsquery LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     FROM (SELECT DISTINCT o FROM unnest(owners) AS o WHERE o IS NOT NULL) AS d(o), generate_series(lo, hi) b;
 $$;
 
+-- How many terms a search asks the index for at most: 16, fewer for many owners (about 500 per length bucket in all).
+CREATE OR REPLACE FUNCTION cnai.ocr_most_terms(owners integer) RETURNS integer LANGUAGE sql IMMUTABLE PARALLEL SAFE
+  RETURN greatest(1, least(16, 500 / greatest(1, owners)));
+
 -- The terms the index is asked for: `unordered` itself, or, for an AND of more than most_terms distinct lexemes,
 -- most_terms of them (the rows found are checked against all). The index query holds each term once per owner and
 -- length bucket: a 256-character query, or an administrator's search of every user on a large server, would make
@@ -156,8 +160,8 @@ CREATE OR REPLACE FUNCTION cnai.search_ocr_words(words tsquery, exact tsquery, q
 RETURNS TABLE (asset_id uuid, score float8, ocr_rank integer) LANGUAGE plpgsql STABLE AS $$
 #variable_conflict use_column
 DECLARE
-  -- as the exact pass: at most 16 terms, fewer for many owners; the rows found are checked against all words
-  index_terms tsquery := cnai.ocr_index_terms(words, greatest(1, least(16, 500 / greatest(1, cardinality(owner_ids)))));
+  -- as the exact pass reads: the rows found are checked against all words
+  index_terms tsquery := cnai.ocr_index_terms(words, cnai.ocr_most_terms(cardinality(owner_ids)));
   keys tsquery;
   lo integer := 0;
   hi integer;
@@ -176,7 +180,8 @@ BEGIN
                      WHERE cnai.ocr_word_keys(o.owner_id, o.text_chars, o.text) @@ keys
                        AND o.owner_id = ANY (owner_ids)
                      ORDER BY o.text_chars, o.asset_id OFFSET 0) m
-             WHERE (SELECT NOT o.tokens @@ exact AND (index_terms = words OR cnai.zh_words(o.text) @@ words)
+             WHERE (SELECT NOT coalesce(o.tokens @@ exact, false)
+                           AND (index_terms = words OR cnai.zh_words(o.text) @@ words)
                       FROM cnai.ocr o WHERE o.ctid = m.ctid)
                AND (SELECT cnai.search_may_show(a."ownerId", a.visibility::text, a.status::text, a."deletedAt",
                                                 owner_ids, visibilities, locked_owner)
@@ -206,7 +211,7 @@ DECLARE
   -- NULL without a usable zhparser: bigrams alone. Not for one character: the word index holds every character
   -- (multi modes), so the words would change no rank and only cost a read of the word index.
   words tsquery := CASE WHEN q.query_chars > 1 THEN cnai.zh_words_query(q_text) END;
-  word_terms tsquery;
+  word_terms tsquery := cnai.ocr_index_terms(words, cnai.ocr_most_terms(cardinality(owner_ids)));
   word_keys tsquery;
   -- what the word pass found, ranked after the exact matches
   word_ids uuid[] := '{}';
@@ -239,9 +244,6 @@ DECLARE
   more_places tid[];
   more_hits boolean[];
 BEGIN
-  IF words IS NOT NULL THEN
-    word_terms := cnai.ocr_index_terms(words, greatest(1, least(16, 500 / greatest(1, cardinality(owner_ids)))));
-  END IF;
   -- exact matches, then (when they are few) those with the query's words anywhere, then the fuzzy fallback's
   -- others, each ranked after the ones before
   FOR fuzzy IN 0..1 LOOP
@@ -261,9 +263,7 @@ BEGIN
       must_not := q.exact;
     END IF;
     EXIT WHEN must IS NULL;
-    -- at most 16 terms, fewer for many owners (about 500 per bucket in all)
-    index_terms := cnai.ocr_index_terms(cnai.tsquery_unordered(must),
-                                        greatest(1, least(16, 500 / greatest(1, cardinality(owner_ids)))));
+    index_terms := cnai.ocr_index_terms(cnai.tsquery_unordered(must), cnai.ocr_most_terms(cardinality(owner_ids)));
     -- a fuzzy query of a long run holds a variant per character: too large an index query for what it finds
     EXIT WHEN fuzzy = 1 AND numnode(index_terms) * cardinality(owner_ids) > 1000;
     by_length := fuzzy = 1 OR (one_group AND words IS NULL);
@@ -300,7 +300,7 @@ BEGIN
       -- which of them hold the query's words: one read of the word index for the owners and these lengths, its rows
       -- matched to the new matches by ctid, instead of segmenting each text (which costs ~40 us for a short text
       -- and a millisecond for a long one)
-      IF fuzzy = 0 AND words IS NOT NULL THEN
+      IF fuzzy = 0 AND words IS NOT NULL AND cardinality(more_places) > 0 THEN
         word_keys := cnai.ocr_keys_query(word_terms, owner_ids, lo, hi);
         SELECT coalesce(array_agg(w.place IS NOT NULL
                                   AND (word_terms = words OR (SELECT cnai.zh_words(o.text) @@ words
