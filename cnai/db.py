@@ -52,6 +52,17 @@ async def immich_schema_exists(conn: asyncpg.Connection) -> bool:
     return bool(await conn.fetchval("SELECT to_regclass('asset') IS NOT NULL AND to_regclass('asset_file') IS NOT NULL"))
 
 
+async def enable_zhparser_installed_since(conn: asyncpg.Connection) -> None:
+    """zhparser installed on the server after cnai's zhparser code ran (its files run only when they change): enable
+    it and build its word index now, as that code does (sql/zhparser/code). Nothing about it raises."""
+    if await conn.fetchval("""SELECT to_regprocedure('cnai.zhparser_enable()') IS NOT NULL
+                                AND NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'zhparser')
+                                AND EXISTS (SELECT FROM pg_available_extensions WHERE name = 'zhparser')"""):
+        log.info("zhparser is available and not enabled yet: enabling it")
+        if await conn.fetchval("SELECT cnai.zhparser_enable()"):
+            await conn.execute("SELECT cnai.zh_words_prepare()")
+
+
 async def migrate(dsn: str, standalone: bool = False, sql_root: Path = sql_files.ROOT) -> list[str]:
     """Bring the database up to date, one transaction per file, under an advisory lock. Returns the ids applied.
 
@@ -97,6 +108,7 @@ async def migrate(dsn: str, standalone: bool = False, sql_root: Path = sql_files
                            ON CONFLICT (id) DO UPDATE SET checksum = excluded.checksum, applied_at = now()""",
                         m.id, checksum)
                 applied.append(m.id)
+            await enable_zhparser_installed_since(conn)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
     finally:

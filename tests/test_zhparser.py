@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 
 from cnai import admin
+from cnai.db import migrate
 from cnai.embedded import EmbeddedServer, bin_dir, scratch_folder
 from tests.conftest import make_user
 from tests.test_admin import fresh_database
@@ -185,6 +186,28 @@ async def test_words_keep_their_settings_after_a_parallel_worker_loaded_zhparser
             assert "zhparser" not in await conn.fetchval("SHOW session_preload_libraries")
             finding = await admin.check_zhparser(conn)
             assert finding.ok and finding.detail.startswith("used"), finding
+        finally:
+            await conn.close()
+
+
+@needs_zhparser
+async def test_a_zhparser_installed_after_the_migration_is_enabled_by_the_next_one(pg_server):
+    """zhparser's code files ran on a server without it (absent); once the server has it, the next `cnai migrate`
+    (as every service start runs) enables it and builds the word index, though no file changed."""
+    async with fresh_database(pg_server) as dsn:  # this connection does not reach the build: not installed
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert (await admin.check_zhparser(conn)).detail.startswith("absent: not installed")
+            owner = await make_user(conn)
+            special = await add_ocr(conn, owner, "增值税专用发票")
+        finally:
+            await conn.close()
+        assert await migrate(f"{dsn}?extension_control_path=$system:{CONTROL_PATH}", standalone=True) == []
+        conn = await asyncpg.connect(dsn)
+        try:
+            finding = await admin.check_zhparser(conn)
+            assert finding.ok and finding.detail.startswith("used"), finding
+            assert await ids(conn, "ocr:增值税发票", [owner]) == [special]
         finally:
             await conn.close()
 
