@@ -56,7 +56,8 @@ async def enable_zhparser_installed_since(conn: asyncpg.Connection) -> None:
     """zhparser installed on the server after cnai's zhparser code ran (its files run only when they change): enable
     it and build its word index now, as that code does (sql/zhparser/code). Nothing about it raises."""
     if await conn.fetchval("""SELECT to_regprocedure('cnai.zhparser_enable()') IS NOT NULL
-                                AND NOT EXISTS (SELECT FROM pg_extension WHERE extname = 'zhparser')
+                                AND NOT EXISTS (SELECT FROM pg_ts_config c
+                                                 WHERE c.cfgname = 'zh' AND c.cfgnamespace = 'cnai'::regnamespace)
                                 AND EXISTS (SELECT FROM pg_available_extensions WHERE name = 'zhparser')"""):
         log.info("zhparser is available and not enabled yet: enabling it")
         if await conn.fetchval("SELECT cnai.zhparser_enable()"):
