@@ -277,7 +277,7 @@ async def measure(dsn: str, users: list, limit: int, clients: int, seconds: floa
         await asyncio.gather(*(warm(c, k) for k, c in enumerate(conns)))
         matches = {q: await conns[0].fetchval(
             "SELECT count(*) FROM cnai.ocr o WHERE o.owner_id = $2 AND o.tokens @@ cnai.zh_tsquery($1)",
-            q[4:], users[0]) for _cls, q, e in work if e is None}
+            q[4:], users[0]) for _cls, q, e in work if e is None} if beside else {}
 
         alone: dict[str, list[float]] = {}
         for _ in range(rounds):
@@ -408,6 +408,25 @@ def print_targets(together: dict, clients: int) -> None:
               f"{'met' if value <= target else 'MISSED'}")
 
 
+def print_latencies(alone: dict, together: dict, clients: int, immich: dict | None = None,
+                    matches: dict | None = None) -> None:
+    """p50/p95/p99 per class, one client alone and `clients` at once; where given, Immich's own query beside and
+    each query's matches for user 1 in brackets."""
+    beside = f"   {'Immich p50':>10s} {'p95':>7s}" if immich is not None else ""
+    print(f"{'class':34s} {'1 client: p50':>14s} {'p95':>7s} {'p99':>7s}{beside}   "
+          f"{f'{clients} clients: p50':>15s} {'p95':>7s} {'p99':>7s}")
+    for cls in alone:
+        a, b = percentiles(alone[cls]), percentiles(together.get(cls, []))
+        label = cls
+        if matches and cls != "hybrid":
+            label += f" ({', '.join(str(matches['ocr:' + q]) for c, qs in OCR_QUERIES if c == cls for q in qs)})"
+        if immich is not None:
+            beside = (f"   {percentiles(immich[cls])[0]:10.1f} {percentiles(immich[cls])[1]:7.1f}" if cls in immich
+                      else f"   {'':10s} {'':7s}")
+        print(f"{label:34s}"[:34] + f" {a[0]:14.1f} {a[1]:7.1f} {a[2]:7.1f}{beside}   "
+              f"{b[0]:15.1f} {b[1]:7.1f} {b[2]:7.1f}")
+
+
 async def run(args, dsn: str) -> None:
     # zhparser, where a build is given, is created by the migration; its functions then name their library
     control_path = (f"?extension_control_path=$system:{args.zhparser_control_path.resolve()}"
@@ -435,16 +454,7 @@ async def run(args, dsn: str) -> None:
         dsn, users, args.limit, args.clients, args.seconds, args.rounds, args.seed, not args.no_clip)
     print(f"\ncnai.search (bigrams alone), page of {args.limit}, one user of {len(users)} "
           f"(matches for user 1 in brackets); Immich 3.1's own OCR query beside it; ms")
-    print(f"{'class':34s} {'1 client: p50':>14s} {'p95':>7s} {'p99':>7s}   {'Immich p50':>10s} {'p95':>7s}   "
-          f"{f'{args.clients} clients: p50':>15s} {'p95':>7s} {'p99':>7s}")
-    for cls in list(alone):
-        a, b = percentiles(alone[cls]), percentiles(together.get(cls, []))
-        label = cls + (f" ({', '.join(str(matches[q]) for c, qs in OCR_QUERIES if c == cls for q in ['ocr:' + x for x in qs])})"
-                       if cls != "hybrid" else "")
-        im = f"{percentiles(immich[cls])[0]:10.1f} {percentiles(immich[cls])[1]:7.1f}" if cls in immich else \
-            f"{'':10s} {'':7s}"
-        print(f"{label:34s}"[:34] + f" {a[0]:14.1f} {a[1]:7.1f} {a[2]:7.1f}   {im}   "
-              f"{b[0]:15.1f} {b[1]:7.1f} {b[2]:7.1f}")
+    print_latencies(alone, together, args.clients, immich, matches)
     print(f"{args.clients} clients: {done / args.seconds:.1f} searches/s over {args.seconds:.0f} s")
     bound = await bound_setting(dsn)
     print(f"several words, cnai.ocr_candidates = {bound}: share of a page that ranking every match gives: "
@@ -459,11 +469,7 @@ async def run(args, dsn: str) -> None:
             dsn, users, args.limit, args.clients, args.seconds, args.rounds, args.seed, not args.no_clip,
             words=True, beside=False)
         print("\ncnai+zhparser (words on), the same searches; ms")
-        print(f"{'class':34s} {'1 client: p50':>14s} {'p95':>7s} {'p99':>7s}   "
-              f"{f'{args.clients} clients: p50':>15s} {'p95':>7s} {'p99':>7s}")
-        for cls in list(z_alone):
-            a, b = percentiles(z_alone[cls]), percentiles(z_together.get(cls, []))
-            print(f"{cls:34s} {a[0]:14.1f} {a[1]:7.1f} {a[2]:7.1f}   {b[0]:15.1f} {b[1]:7.1f} {b[2]:7.1f}")
+        print_latencies(z_alone, z_together, args.clients)
         print(f"{args.clients} clients: {z_done / args.seconds:.1f} searches/s over {args.seconds:.0f} s")
         print_targets(z_together, args.clients)
 
