@@ -150,14 +150,11 @@ class ModelPool:
             raise RuntimeError("model pool is closed")
         lane = self._lane(key)
         loop = asyncio.get_running_loop()
-        options_key = getattr(lane.model, "options_key", None)
-        options = None if content is None or not self.results.enabled or options_key is None else options_key(item)
-        if options is None:
+        shared_key = self._shared_key(key, lane, item, content)
+        if shared_key is None:
             return await self._await(lane, item, _Flight(loop.create_future(), priority), owner=True)
-        shared_key = (key, content, options)
-        hit, value = self.results.get(shared_key)
+        hit, value = self._stored(lane, shared_key)
         if hit:
-            lane.stats.cache_hits += 1
             return value
         flight = self._flights.get(shared_key)
         if flight is not None:
@@ -176,13 +173,20 @@ class ModelPool:
         (False, None); nothing is run. Only the item's options (the model's `options_key`) are read, so a caller
         may leave the content out of it (e.g. an image not decoded yet)."""
         lane = self._lane(key)
+        shared_key = self._shared_key(key, lane, item, content)
+        return (False, None) if shared_key is None else self._stored(lane, shared_key)
+
+    def _shared_key(self, key: str, lane: _Lane, item: Any, content: Hashable | None) -> tuple | None:
+        """What a result of `item` is stored and shared under: the model, the content and the item's options; None
+        where it is not shared (no content, results off, a model without options_key or that declines the item)."""
         options_key = getattr(lane.model, "options_key", None)
-        if not self.results.enabled or options_key is None:
-            return False, None
+        if content is None or not self.results.enabled or options_key is None:
+            return None
         options = options_key(item)
-        if options is None:
-            return False, None
-        hit, value = self.results.get((key, content, options))
+        return None if options is None else (key, content, options)
+
+    def _stored(self, lane: _Lane, shared_key: tuple) -> tuple[bool, Any]:
+        hit, value = self.results.get(shared_key)
         if hit:
             lane.stats.cache_hits += 1
         return hit, value
